@@ -1,0 +1,45 @@
+"""Run-level settings: one small dataclass; a manifest column overrides its field for that row."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Per-row defaults: what an empty manifest cell means."""
+
+    steps: int = 25
+    cfg: float = 7.5
+    width: int = 512
+    height: int = 512
+    scheduler: str = "dpmpp_2m_karras"
+    strength: float = 0.6  # img2img: fraction of the schedule re-run over the init image
+    ip_scale: float = 0.6
+    image_prompt_method: str = "ip_adapter"
+    num_images: int = 1
+    negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `run` needs besides the manifest rows."""
+
+    manifest: Path
+    out: Path
+    model: str = DEFAULT_MODEL
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    batch_size: int | None = None  # None: chosen from device and resolution
+    seed: int = 0  # run seed: rows without a seed derive theirs from (seed, id)
+    format: str = "png"
+    skip_invalid: bool = False
+    retry_failed: bool = False
+    fresh: bool = False
+    limit: int | None = None  # first N jobs (rows) only
+    quiet: bool = False
+    compile: bool = False
+    writer_threads: int = 2  # PNG encoding releases the GIL in zlib; two keep up with a GPU
+    defaults: Defaults = field(default_factory=Defaults)

@@ -1,0 +1,85 @@
+"""Validated jobs (one per manifest row) and the images they expand into."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+MODES = ("txt2img", "img2img", "image_prompt")
+IMAGE_PROMPT_METHODS = ("ip_adapter", "clip_embed")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One manifest row with every default resolved; never changed after validation."""
+
+    id: str
+    line: int
+    stem: str  # file-safe form of id
+    mode: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    seed: int
+    num_images: int
+    scheduler: str
+    strength: float | None = None  # img2img only
+    init_image: str | None = None  # absolute path
+    init_image_sha: str | None = None
+    prompt_image: str | None = None  # absolute path
+    prompt_image_sha: str | None = None
+    image_prompt_method: str | None = None  # image_prompt only
+    ip_scale: float | None = None  # image_prompt with ip_adapter only
+    lora: str | None = None
+    lora_scale: float | None = None
+    extra: tuple[tuple[str, object], ...] = ()  # unknown columns, carried into metadata
+    row: str = field(default="{}", compare=False)  # the manifest row as read (JSON), for failed.jsonl
+
+    def pixel_params(self) -> dict:
+        """Every row parameter that changes the pixels (file contents stand for image paths)."""
+        return {
+            "mode": self.mode,
+            "prompt": self.prompt if self.image_prompt_method != "clip_embed" else None,
+            "negative_prompt": self.negative_prompt,
+            "width": self.width,
+            "height": self.height,
+            "steps": self.steps,
+            "cfg": self.cfg,
+            "seed": self.seed,
+            "scheduler": self.scheduler,
+            "strength": self.strength,
+            "init_image": self.init_image_sha,
+            "prompt_image": self.prompt_image_sha,
+            "image_prompt_method": self.image_prompt_method,
+            "ip_scale": self.ip_scale,
+            "lora": self.lora,
+            "lora_scale": self.lora_scale,
+        }
+
+    def batch_key(self) -> tuple:
+        """Rows with equal batch keys may share one UNet call."""
+        return (self.steps, self.cfg, self.strength, self.scheduler, self.image_prompt_method, self.ip_scale)
+
+    def images(self, salt: str) -> list[ImageTask]:
+        """The images this job makes; `salt` names the run-level settings that change pixels."""
+        base = json.dumps(self.pixel_params(), sort_keys=True) + salt
+        tasks = []
+        for k in range(self.num_images):
+            key = hashlib.sha256(f"{base}|{k}".encode()).hexdigest()[:32]
+            stem = self.stem if self.num_images == 1 else f"{self.stem}-{k}"
+            tasks.append(ImageTask(job=self, k=k, seed=self.seed + k, stem=stem, key=key))
+        return tasks
+
+
+@dataclass(frozen=True)
+class ImageTask:
+    """Image k of a job: its own seed, file stem and checkpoint key."""
+
+    job: Job
+    k: int
+    seed: int
+    stem: str
+    key: str

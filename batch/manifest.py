@@ -1,0 +1,438 @@
+"""Read a CSV or JSONL manifest and validate every row into a `Job`, reporting all errors at once."""
+from __future__ import annotations
+
+import csv
+import difflib
+import gzip
+import hashlib
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Defaults
+from .errors import ManifestError, RowError
+from .job import IMAGE_PROMPT_METHODS, MODES, Job
+from .schedulers import SCHEDULERS
+
+COLUMNS = (
+    "id", "mode", "prompt", "negative_prompt", "init_image", "strength", "prompt_image",
+    "image_prompt_method", "ip_scale", "width", "height", "steps", "cfg", "seed",
+    "num_images", "scheduler", "lora", "lora_scale", "model",
+)
+# Names the image metadata uses itself: an extra column may not shadow them.
+RESERVED = ("file_name", "k", "sampler", "model_name")
+MAX_SIDE = 8192
+MAX_STEPS = 1000
+MAX_IMAGES_PER_ROW = 10_000
+MAX_SEED = 2**63 - 1
+MAX_STEM_BYTES = 200
+NOT_YET = "not supported yet (arrives with the real-model features)"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest: the jobs in file order, plus rows rejected under --skip-invalid."""
+
+    path: Path
+    jobs: list[Job]
+    invalid: list[tuple[int, dict, list[RowError]]]  # (line, raw row, its errors)
+    sha256: str
+
+
+def read_rows(path: Path) -> tuple[list[tuple[int, dict]], list[RowError], bytes]:
+    """Raw rows as (line number, {column: value}) with empty cells as None; parse errors collected."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(path, [RowError(None, None, None, "file not found")]) from None
+    except OSError as e:
+        raise ManifestError(path, [RowError(None, None, None, f"cannot read: {e.strerror}")]) from None
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as e:
+            raise ManifestError(path, [RowError(None, None, None, f"not a valid gzip file: {e}")]) from None
+        name = name[:-3]
+    if name.endswith(".jsonl") or name.endswith(".ndjson"):
+        rows, errors = _read_jsonl(data)
+    elif name.endswith(".csv"):
+        rows, errors = _read_csv(data)
+    else:
+        raise ManifestError(path, [RowError(None, None, path.suffix, "manifest must be .csv, .jsonl or .jsonl.gz")])
+    if not rows and not errors:
+        errors = [RowError(None, None, None, "the manifest holds no rows")]
+    return rows, errors, data
+
+
+def _decode(data: bytes) -> str:
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ManifestError("manifest", [RowError(None, None, None, "file is UTF-16; save it as UTF-8")])
+    text = data.decode("utf-8-sig")  # a BOM from Excel is fine
+    if "\x00" in text:
+        raise ValueError("contains NUL bytes")
+    return text
+
+
+def _text_or_error(data: bytes) -> tuple[str | None, list[RowError]]:
+    try:
+        return _decode(data), []
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        return None, [RowError(line, None, None, f"not valid UTF-8 (byte {e.start}); save the file as UTF-8")]
+    except ValueError as e:
+        return None, [RowError(None, None, None, f"not a text file ({e})")]
+    except ManifestError as e:
+        return None, e.errors
+
+
+def _read_jsonl(data: bytes) -> tuple[list[tuple[int, dict]], list[RowError]]:
+    text, errors = _text_or_error(data)
+    if text is None:
+        return [], errors
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append(RowError(number, None, line.strip()[:60], f"invalid JSON: {e.msg} at column {e.colno}"))
+            continue
+        if not isinstance(obj, dict):
+            errors.append(RowError(number, None, obj, "each line must be a JSON object"))
+            continue
+        rows.append((number, {str(k): v for k, v in obj.items()}))
+    return rows, errors
+
+
+def _read_csv(data: bytes) -> tuple[list[tuple[int, dict]], list[RowError]]:
+    import pandas as pd
+
+    text, errors = _text_or_error(data)
+    if text is None:
+        return [], errors
+    if not text.strip():
+        return [], [RowError(None, None, None, "the manifest is empty")]
+    try:
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, csv.Error, ValueError) as e:
+        match = re.search(r"line (\d+)", str(e))
+        line = int(match.group(1)) if match else None
+        return [], [RowError(line, None, None, f"malformed CSV: {str(e).strip()}")]
+    header = [str(c) for c in frame.columns]
+    dupes = sorted({c for c in header if header.count(c) > 1} | {c for c in header if re.fullmatch(r".+\.\d+", c) and c.rsplit(".", 1)[0] in header})
+    if dupes:
+        errors.append(RowError(1, dupes[0], None, "column appears twice in the header"))
+    unnamed = [c for c in header if c.startswith("Unnamed: ")]
+    if unnamed:
+        errors.append(RowError(1, None, None, f"{len(unnamed)} column(s) have no name in the header"))
+    lines = _record_lines(text, len(frame))
+    records = frame.to_dict("records")
+    rows = [(line, {k: (v if v != "" else None) for k, v in rec.items()}) for line, rec in zip(lines, records)]
+    return rows, errors
+
+
+def _record_lines(text: str, count: int) -> list[int]:
+    """The physical line each CSV record starts on (quoted newlines make it differ from the index)."""
+    if '"' not in text and text.count("\n") <= count + 1:
+        return list(range(2, count + 2))
+    reader = csv.reader(io.StringIO(text))
+    starts, previous = [], 0
+    for record in reader:
+        if record:  # pandas skips blank lines too
+            starts.append(previous + 1)
+        previous = reader.line_num
+    starts = starts[1:]  # the header
+    return starts if len(starts) == count else list(range(2, count + 2))
+
+
+def _near_miss(column: str) -> str | None:
+    lowered = column.strip().lower()
+    if lowered in COLUMNS and lowered != column:
+        return lowered
+    match = difflib.get_close_matches(lowered, COLUMNS, n=1, cutoff=0.8)
+    return match[0] if match else None
+
+
+class _Row:
+    """Typed access to one raw row, collecting every error instead of stopping at the first."""
+
+    def __init__(self, line: int, raw: dict):
+        self.line, self.raw, self.errors = line, raw, []
+
+    def error(self, column: str | None, value, allowed: str) -> None:
+        self.errors.append(RowError(self.line, column, value, allowed))
+
+    def text(self, column: str) -> str | None:
+        value = self.raw.get(column)
+        if value is None:
+            return None
+        if isinstance(value, (dict, list, bool)):
+            self.error(column, value, "must be text")
+            return None
+        if isinstance(value, float) and not math.isfinite(value):
+            self.error(column, value, "must be text")
+            return None
+        return str(value)
+
+    def number(self, column: str, kind, low, high, default, low_open: bool = False, what: str = ""):
+        value = self.raw.get(column)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return default
+        allowed = what or f"{'an integer' if kind is int else 'a number'} in {'(' if low_open else '['}{low}, {high}]"
+        if isinstance(value, bool) or isinstance(value, (dict, list)):
+            self.error(column, value, allowed)
+            return default
+        try:
+            parsed = float(value) if not isinstance(value, int) else value
+        except (TypeError, ValueError):
+            self.error(column, value, allowed)
+            return default
+        if isinstance(parsed, float):
+            if not math.isfinite(parsed):
+                self.error(column, value, allowed)
+                return default
+            if kind is int:
+                if not parsed.is_integer():
+                    self.error(column, value, allowed)
+                    return default
+                parsed = int(parsed)
+        if kind is int and isinstance(value, str) and not re.fullmatch(r"\s*[+-]?\d+(\.0*)?\s*", value):
+            self.error(column, value, allowed)
+            return default
+        parsed = kind(parsed)
+        if parsed < low or parsed > high or (low_open and parsed == low):
+            self.error(column, value, allowed)
+            return default
+        return parsed
+
+    def choice(self, column: str, choices, default):
+        value = self.text(column)
+        if value is None:
+            return default
+        if value.strip() not in choices:
+            hint = difflib.get_close_matches(value.strip(), choices, n=1, cutoff=0.6)
+            self.error(column, value, f"one of {', '.join(choices)}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+            return default
+        return value.strip()
+
+
+class _ImageChecker:
+    """Resolves image paths against the manifest folder; each distinct file is opened once."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.seen: dict[Path, tuple[str | None, str | None]] = {}
+
+    def check(self, row: _Row, column: str) -> tuple[str | None, str | None]:
+        value = row.text(column)
+        if value is None:
+            return None, None
+        path = Path(value.strip()).expanduser()
+        if not path.is_absolute():
+            path = self.folder / path
+        path = Path(_normalise(path))
+        if path not in self.seen:
+            self.seen[path] = self._open(path)
+        digest, problem = self.seen[path]
+        if problem:
+            row.error(column, value, problem)
+            return None, None
+        return str(path), digest
+
+    @staticmethod
+    def _open(path: Path) -> tuple[str | None, str | None]:
+        from PIL import Image
+
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None, f"file not found: {path}"
+        except IsADirectoryError:
+            return None, f"is a folder, not an image: {path}"
+        except OSError as e:
+            return None, f"cannot read {path}: {e.strerror}"
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except Exception as e:  # PIL raises many types for corrupt or truncated files
+            return None, f"not a readable image ({type(e).__name__}: {e})"
+        return hashlib.sha256(data).hexdigest(), None
+
+
+def _normalise(path: Path) -> str:
+    import os
+
+    return os.path.normpath(str(path))
+
+
+def file_stem(job_id: str) -> str:
+    """A file name stem for an id: no path separators, no leading dots, nothing outside [word . -]."""
+    stem = re.sub(r"[^\w.\-]+", "_", job_id, flags=re.UNICODE)
+    return re.sub(r"^\.+", "_", stem)
+
+
+def derive_seed(run_seed: int, job_id: str) -> int:
+    """A stable seed for a row without one: the same (run seed, id) always gives the same seed."""
+    digest = hashlib.sha256(f"{run_seed}:{job_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images: _ImageChecker) -> tuple[Job | None, list[RowError]]:
+    """One raw row to a Job, or the list of everything wrong with it."""
+    row = _Row(line, raw)
+    job_id = row.text("id")
+    if job_id is not None:
+        job_id = job_id.strip()
+    if not job_id:
+        if "id" in raw and raw["id"] is not None:
+            row.error("id", raw["id"], "must not be blank")
+        job_id = f"row-{line}"
+    stem = file_stem(job_id)
+    if not stem.strip("_") or len(stem.encode()) > MAX_STEM_BYTES:
+        row.error("id", job_id, f"must give a file name: 1 to {MAX_STEM_BYTES} bytes of letters, digits, '.', '-', '_'")
+
+    init_image, init_sha = images.check(row, "init_image")
+    prompt_image, prompt_sha = images.check(row, "prompt_image")
+    has_init = row.raw.get("init_image") not in (None, "")
+    has_prompt_image = row.raw.get("prompt_image") not in (None, "")
+    inferred = "img2img" if has_init else "image_prompt" if has_prompt_image else "txt2img"
+    mode = row.choice("mode", MODES, inferred)
+    if mode != "img2img" and has_init:
+        row.error("init_image", raw.get("init_image"), f"only img2img rows take an init_image (mode is {mode})")
+    if mode != "image_prompt" and has_prompt_image:
+        row.error("prompt_image", raw.get("prompt_image"), f"only image_prompt rows take a prompt_image (mode is {mode})")
+    if mode == "img2img" and not has_init:
+        row.error("init_image", None, "img2img rows need an init_image")
+    if mode == "image_prompt" and not has_prompt_image:
+        row.error("prompt_image", None, "image_prompt rows need a prompt_image")
+
+    prompt = row.text("prompt")
+    if mode in ("txt2img", "img2img") and not (prompt and prompt.strip()):
+        row.error("prompt", raw.get("prompt"), f"a prompt is required for {mode}")
+    negative = row.text("negative_prompt")
+
+    method = ip_scale = strength = None
+    if mode == "image_prompt":
+        method = row.choice("image_prompt_method", IMAGE_PROMPT_METHODS, defaults.image_prompt_method)
+        if method == "ip_adapter":
+            row.error("image_prompt_method", "ip_adapter", f"ip_adapter is {NOT_YET}; use image_prompt_method=clip_embed")
+    if mode == "img2img":
+        strength = row.number("strength", float, 0.0, 1.0, defaults.strength, low_open=True)
+    elif raw.get("strength") not in (None, ""):
+        row.error("strength", raw["strength"], "only img2img rows take a strength")
+    row.number("ip_scale", float, 0.0, 100.0, defaults.ip_scale)  # checked now, used with ip_adapter
+
+    width = row.number("width", int, 8, MAX_SIDE, defaults.width)
+    height = row.number("height", int, 8, MAX_SIDE, defaults.height)
+    for column, value in (("width", width), ("height", height)):
+        if value % 8:
+            row.error(column, value, "must be a multiple of 8")
+    steps = row.number("steps", int, 1, MAX_STEPS, defaults.steps)
+    cfg = row.number("cfg", float, 0.0, 100.0, defaults.cfg)
+    num_images = row.number("num_images", int, 1, MAX_IMAGES_PER_ROW, defaults.num_images)
+    seed = row.number("seed", int, 0, MAX_SEED - MAX_IMAGES_PER_ROW, None, what="an integer >= 0 (below 2**63)")
+    if seed is None:
+        seed = derive_seed(run_seed, job_id)
+    scheduler = row.choice("scheduler", tuple(SCHEDULERS), defaults.scheduler)
+
+    for column in ("lora", "model"):
+        if raw.get(column) not in (None, ""):
+            row.error(column, raw[column], f"the '{column}' column is {NOT_YET}; use --model for the whole run")
+    if raw.get("lora_scale") not in (None, ""):
+        row.number("lora_scale", float, -10.0, 10.0, None)
+
+    extra = tuple((k, v) for k, v in raw.items() if k not in COLUMNS)
+    if row.errors:
+        return None, row.errors
+    job = Job(
+        id=job_id, line=line, stem=stem, mode=mode,
+        prompt=prompt or "",
+        negative_prompt=negative if negative is not None else defaults.negative_prompt,
+        width=width, height=height, steps=steps, cfg=cfg, seed=seed, num_images=num_images,
+        scheduler=scheduler, strength=strength,
+        init_image=init_image, init_image_sha=init_sha,
+        prompt_image=prompt_image, prompt_image_sha=prompt_sha,
+        image_prompt_method=method, ip_scale=ip_scale,
+        extra=extra, row=json.dumps(raw, ensure_ascii=False, default=str),
+    )
+    return job, []
+
+
+def _column_errors(rows: list[tuple[int, dict]]) -> list[RowError]:
+    errors, first_seen = [], {}
+    for line, raw in rows:
+        for column in raw:
+            first_seen.setdefault(column, line)
+    for column, line in first_seen.items():
+        if column in COLUMNS:
+            continue
+        if column in RESERVED:
+            errors.append(RowError(line, column, None, f"'{column}' is a name the image metadata uses; rename the column"))
+        elif (hint := _near_miss(column)) is not None:
+            errors.append(RowError(line, column, None, f"unknown column; did you mean '{hint}'?"))
+    return errors
+
+
+def _unique_ids(jobs: list[Job]) -> dict[int, list[RowError]]:
+    """Errors per line for duplicate ids and for ids whose file names would collide."""
+    errors: dict[int, list[RowError]] = {}
+    by_id: dict[str, int] = {}
+    by_stem: dict[str, tuple[str, int]] = {}
+    for job in jobs:
+        if job.id in by_id:
+            errors.setdefault(job.line, []).append(RowError(job.line, "id", job.id, f"duplicate id (first used on line {by_id[job.id]})"))
+            continue
+        by_id[job.id] = job.line
+        stems = [job.stem] if job.num_images == 1 else [f"{job.stem}-{k}" for k in range(job.num_images)]
+        for stem in stems:
+            key = stem.lower()  # case-insensitive file systems (macOS, Windows) would merge them
+            if key in by_stem and by_stem[key][0] != job.id:
+                other_id, other_line = by_stem[key]
+                errors.setdefault(job.line, []).append(RowError(
+                    job.line, "id", job.id, f"its file name '{stem}' collides with id '{other_id}' on line {other_line}"))
+                break
+            by_stem[key] = (job.id, job.line)
+    return errors
+
+
+def load_manifest(path: Path, defaults: Defaults = Defaults(), run_seed: int = 0, skip_invalid: bool = False) -> Manifest:
+    """Read and validate the whole manifest; raise ManifestError listing every problem.
+
+    With `skip_invalid`, bad rows (and unparseable JSONL lines) come back in
+    `Manifest.invalid` instead; problems with the file as a whole (unreadable, no rows,
+    a misspelt column) still raise.
+    """
+    path = Path(path)
+    rows, parse_errors, data = read_rows(path)
+    column_errors = _column_errors(rows)
+    jobs, invalid = _validate_rows(path, rows, defaults, run_seed)
+    row_errors = [e for _, _, errs in invalid for e in errs]
+    if not rows or column_errors or (not skip_invalid and (parse_errors or invalid)):
+        raise ManifestError(path, sorted(parse_errors + column_errors + row_errors, key=_order))
+    invalid += [(e.line or 0, {}, [e]) for e in parse_errors]
+    return Manifest(path=path, jobs=jobs, invalid=sorted(invalid, key=lambda item: item[0]), sha256=hashlib.sha256(data).hexdigest())
+
+
+def _validate_rows(path: Path, rows, defaults: Defaults, run_seed: int):
+    images = _ImageChecker(path.resolve().parent)
+    jobs, invalid = [], []
+    for line, raw in rows:
+        job, errors = validate_row(line, raw, defaults, run_seed, images)
+        if job is not None:
+            jobs.append(job)
+        else:
+            invalid.append((line, raw, errors))
+    duplicates = _unique_ids(jobs)
+    if duplicates:
+        invalid += [(job.line, json.loads(job.row), duplicates[job.line]) for job in jobs if job.line in duplicates]
+        jobs = [job for job in jobs if job.line not in duplicates]
+    return jobs, invalid
+
+
+def _order(error: RowError):
+    return (error.line or 0, error.column or "")

@@ -1,0 +1,112 @@
+"""report.json, report.csv and report.md, built from the checkpoint alone (so `report OUT` can rebuild them)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from .checkpoint import Checkpoint
+from .writer import write_text_atomic
+
+STAGES = ("load_s", "warmup_s", "encode_s", "denoise_s", "decode_s", "write_s")
+
+
+def build_report(checkpoint: Checkpoint) -> dict:
+    """The report of the folder's latest run, with image counts over the whole folder."""
+    last = checkpoint.last_run()
+    counts = checkpoint.counts()
+    if last is None:
+        run_id, settings, timing = None, {}, {}
+    else:
+        run_id, settings, timing = last
+        timing = timing or {}
+    groups = checkpoint.group_stats(run_id) if run_id is not None else []
+    generated = sum(g["images"] for g in groups)
+    generate_s = timing.get("generate_s", sum(g["wall_s"] for g in groups))
+    vram = [g["peak_vram_bytes"] for g in groups if g.get("peak_vram_bytes") is not None]
+    stages = {name: round(sum(g.get(name, 0.0) for g in groups), 4) for name in ("load_s", "warmup_s")}
+    for name in STAGES[2:]:
+        stages[name] = round(sum(g.get("stages", {}).get(name, 0.0) for g in groups), 4)
+    totals = {
+        "jobs": timing.get("jobs"),
+        "images": counts.total,
+        "done": counts.done,
+        "failed": counts.failed,
+        "pending": counts.pending,
+        "skipped_from_checkpoint": timing.get("skipped_from_checkpoint", 0),
+        "generated": generated,
+        "wall_s": timing.get("wall_s", round(sum(g["wall_s"] + g["load_s"] + g["warmup_s"] for g in groups), 4)),
+        "generate_s": generate_s,
+        "images_per_s": round(generated / generate_s, 4) if generate_s else 0.0,
+        "peak_vram_bytes": timing.get("peak_vram_bytes", max(vram) if vram else None),
+        "device_used_bytes": timing.get("device_used_bytes"),
+        "peak_rss_bytes": timing.get("peak_rss_bytes"),
+        "interrupted": timing.get("interrupted", bool(settings) and not timing),
+    }
+    return {"run": settings, "totals": totals, "groups": groups, "stages": stages}
+
+
+def write_reports(out: Path, checkpoint: Checkpoint) -> dict:
+    report = build_report(checkpoint)
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out / "report.csv", _csv(checkpoint))
+    write_text_atomic(out / "report.md", markdown(report))
+    return report
+
+
+def _csv(checkpoint: Checkpoint) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["id", "k", "group", "batch", "seconds", "status"])
+    for image_id, k, group, batch, seconds, status in checkpoint.image_rows():
+        writer.writerow([image_id, k, group or "", "" if batch is None else batch,
+                         "" if seconds is None else f"{seconds:.4f}", status])
+    return buffer.getvalue()
+
+
+def _gb(value) -> str:
+    return "-" if value is None else f"{value / 2**30:.2f} GB"
+
+
+def _num(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(report: dict) -> str:
+    """A human summary: what ran, how fast, where the time went."""
+    run, totals, groups = report["run"], report["totals"], report["groups"]
+    lines = [
+        "# sdbatch report",
+        "",
+        f"Model `{run.get('model')}` on {run.get('gpu_name') or run.get('device')} ({run.get('dtype')}), "
+        f"torch {run.get('torch')}, diffusers {run.get('diffusers')}, started {run.get('started_at')}.",
+        "",
+        "| images | done | failed | pending | skipped (checkpoint) | made now | wall s | images/s | peak VRAM | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {totals['images']} | {totals['done']} | {totals['failed']} | {totals['pending']} | "
+        f"{totals['skipped_from_checkpoint']} | {totals['generated']} | {_num(totals['wall_s'], 1)} | "
+        f"{_num(totals['images_per_s'])} | {_gb(totals['peak_vram_bytes'])} | {_gb(totals['peak_rss_bytes'])} |",
+        "",
+    ]
+    if totals.get("interrupted"):
+        lines += ["**The run was interrupted**: run the same command again to finish it.", ""]
+    if groups:
+        lines += [
+            "## Groups",
+            "",
+            "| model | mode | size | lora | images | batches | load s | warm-up s | wall s | images/s | s/image p50 | p95 | peak VRAM |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for g in groups:
+            lines.append(
+                f"| {g['model']} | {g['mode']} | {g['width']}x{g['height']} | {g['lora'] or '-'} | {g['images']} | "
+                f"{g['batches']} | {_num(g['load_s'])} | {_num(g['warmup_s'])} | {_num(g['wall_s'])} | "
+                f"{_num(g['images_per_s'])} | {_num(g['s_per_image_p50'], 3)} | {_num(g['s_per_image_p95'], 3)} | "
+                f"{_gb(g['peak_vram_bytes'])} |")
+        lines += ["", "## Time per stage (seconds, summed)", "", "| " + " | ".join(STAGES) + " |",
+                  "|" + "---|" * len(STAGES),
+                  "| " + " | ".join(_num(report["stages"][s]) for s in STAGES) + " |", ""]
+    if totals["failed"]:
+        lines += [f"{totals['failed']} image(s) failed: see `failed.jsonl` (run it as a manifest, or rerun with `--retry-failed`).", ""]
+    return "\n".join(lines)

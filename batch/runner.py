@@ -1,0 +1,324 @@
+"""Run a manifest: validate, sync with the checkpoint, plan, generate, write, report."""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import FILE_NAME, Checkpoint, Counts, Outcome
+from .config import RunConfig
+from .generate import Conditioner, generate_batch, warm_up
+from .job import ImageTask
+from .manifest import Manifest, load_manifest
+from .models import load_family, resolve_device, resolve_dtype, resolve_model
+from .plan import Batch, Group, Plan, make_plan
+from .progress import Progress
+from .report import write_reports
+from .writer import ImageWriter, remove_temp_files, write_failed, write_metadata, write_text_atomic
+
+log = logging.getLogger(__name__)
+EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+
+
+@dataclass(frozen=True)
+class RunResult:
+    out: Path
+    counts: Counts
+    generated: int  # images made by this run
+    skipped: int  # done earlier, skipped
+    interrupted: bool
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if self.counts.failed else EXIT_OK
+
+
+@dataclass
+class Stages:
+    """Seconds per stage, summed over batches."""
+
+    encode_s: float = 0.0
+    denoise_s: float = 0.0
+    decode_s: float = 0.0
+    write_s: float = 0.0
+
+    def add(self, other: Stages) -> None:
+        for name in vars(self):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class GroupTally:
+    """What one group's run measured, stored in the checkpoint for the report."""
+
+    group: Group
+    load_s: float = 0.0
+    warmup_s: float = 0.0
+    wall_s: float = 0.0
+    per_image_s: list[float] = field(default_factory=list)
+    failed: int = 0
+    peak_vram_bytes: int | None = None
+    stages: Stages = field(default_factory=Stages)
+
+    def as_dict(self) -> dict:
+        g, times = self.group, sorted(self.per_image_s)
+        made = len(times)
+        return {
+            "model": g.model, "mode": g.mode, "width": g.width, "height": g.height, "lora": g.lora,
+            "images": made, "failed": self.failed, "batches": len(g.batches),
+            "load_s": round(self.load_s, 4), "warmup_s": round(self.warmup_s, 4), "wall_s": round(self.wall_s, 4),
+            "images_per_s": round(made / self.wall_s, 4) if self.wall_s > 0 else 0.0,
+            "s_per_image_p50": round(_percentile(times, 50), 4) if times else None,
+            "s_per_image_p95": round(_percentile(times, 95), 4) if times else None,
+            "peak_vram_bytes": self.peak_vram_bytes,
+            "stages": {k: round(v, 4) for k, v in vars(self.stages).items()},
+        }
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    return statistics.quantiles(sorted_values, n=100, method="inclusive")[int(q) - 1]
+
+
+def peak_rss_bytes() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    except ImportError:  # Windows
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset
+
+
+def run(config: RunConfig) -> RunResult:
+    """The whole `run` command: nothing loads until every row is valid."""
+    # 1. Read and validate every row; resolve what the run needs
+    started = time.perf_counter()
+    manifest = load_manifest(config.manifest, config.defaults, config.seed, config.skip_invalid)
+    jobs = manifest.jobs[: config.limit] if config.limit else manifest.jobs
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    resolve_model(config.model)  # a bad model name fails before the output folder is touched
+    salt = f"|model={config.model}|dtype={dtype}"
+    tasks = [task for job in jobs for task in job.images(salt)]
+
+    # 2. Output folder and checkpoint: drop what is already done
+    out = Path(config.out)
+    images_dir = out / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    file_log = _log_to(out / "run.log")
+    try:
+        removed = remove_temp_files(images_dir)
+        if removed:
+            log.info("removed %d partial file(s) left by an interrupted run", removed)
+        checkpoint = Checkpoint(out / FILE_NAME)
+        settings = run_settings(config, device, dtype, manifest)
+        checkpoint.start_run(settings)
+        write_text_atomic(out / "run.json", json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+        existing = {entry.name for entry in os.scandir(images_dir)}
+        synced = checkpoint.sync(tasks, existing, config.retry_failed, config.fresh)
+        if manifest.invalid:
+            checkpoint.record_invalid([(str(raw.get("id") or f"row-{line}"), line, json.dumps(raw, ensure_ascii=False, default=str),
+                                        "; ".join(str(e) for e in errors)) for line, raw, errors in manifest.invalid])
+        plan = make_plan(synced.todo, config.model, config.batch_size, device)
+        log.info("%d jobs, %d images: %d to make in %d batches, %d done earlier, %d failed earlier (not retried)",
+                 len(jobs), len(tasks), plan.images, plan.batches, synced.skipped, synced.failed_kept)
+
+        # 3. Generate, writing as we go
+        tallies, interrupted = execute(plan, config, device, dtype, out, checkpoint)
+
+        # 4. Folder-level outputs, rebuilt from the checkpoint
+        generated = sum(len(t.per_image_s) for t in tallies)
+        stages = Stages()
+        for tally in tallies:
+            stages.add(tally.stages)
+        vram = [t.peak_vram_bytes for t in tallies if t.peak_vram_bytes is not None]
+        checkpoint.finish_run({
+            "jobs": len(jobs), "generated": generated, "skipped_from_checkpoint": synced.skipped,
+            "wall_s": round(time.perf_counter() - started, 4),
+            "generate_s": round(sum(t.wall_s for t in tallies), 4),
+            "peak_vram_bytes": max(vram) if vram else None,
+            "device_used_bytes": _device_used_bytes(device),
+            "peak_rss_bytes": peak_rss_bytes(), "interrupted": interrupted,
+            "stages": {k: round(v, 4) for k, v in vars(stages).items()},
+        })
+        finish_outputs(out, checkpoint)
+        counts = checkpoint.counts()
+        checkpoint.close()
+        result = RunResult(out, counts, generated, synced.skipped, interrupted)
+        log.info("%s: %d done, %d failed, %d pending; %d made now, %d skipped from checkpoint",
+                 "interrupted" if interrupted else "finished", counts.done, counts.failed, counts.pending,
+                 generated, synced.skipped)
+        return result
+    finally:
+        logging.getLogger("batch").removeHandler(file_log)
+        file_log.close()
+
+
+def finish_outputs(out: Path, checkpoint: Checkpoint) -> None:
+    """metadata.jsonl, failed.jsonl and the report files, all from the checkpoint."""
+    write_metadata(out, checkpoint.done_metadata())
+    write_failed(out, checkpoint.failed_jobs())
+    write_reports(out, checkpoint)
+
+
+def execute(plan: Plan, config: RunConfig, device: str, dtype: str, out: Path, checkpoint: Checkpoint):
+    """Generate every batch of the plan; returns per-group tallies and whether it was interrupted."""
+    writer = ImageWriter(out / "images", config.format, config.model, config.writer_threads)
+    tallies: list[GroupTally] = []
+    need_image_encoder = any(t.job.image_prompt_method == "clip_embed" for g in plan.groups for b in g.batches for t in b.tasks)
+    interrupted = False
+    with Progress(plan.images, quiet=config.quiet) as progress:
+        try:
+            for model in plan.models():
+                family = load_family(model, device, dtype, need_image_encoder)
+                conditioner = Conditioner(family)
+                load_s = family.load_s
+                for group in (g for g in plan.groups if g.model == model):
+                    tally = GroupTally(group, load_s=load_s)
+                    load_s = 0.0  # the load is charged to the model's first group
+                    tallies.append(tally)
+                    progress.set_group(group.name)
+                    _run_group(group, tally, family, conditioner, config, device, writer, checkpoint, progress)
+                    checkpoint.save_group(len(tallies) - 1, tally.as_dict())
+                family.unload()
+        except KeyboardInterrupt:
+            interrupted = True
+            log.warning("interrupted: finishing the images already made, then stopping")
+        finally:
+            _commit_written(writer.close(), checkpoint, tallies)
+            if tallies:
+                checkpoint.save_group(len(tallies) - 1, tallies[-1].as_dict())
+    return tallies, interrupted
+
+
+def _run_group(group: Group, tally: GroupTally, family, conditioner, config: RunConfig, device: str,
+               writer: ImageWriter, checkpoint: Checkpoint, progress: Progress) -> None:
+    import torch
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    if cuda or config.compile:  # first calls pick kernels (and compile): keep that out of the timings
+        tally.warmup_s = warm_up(family, conditioner, group.batches[0])
+    started = time.perf_counter()
+    try:
+        for batch in group.batches:
+            made, failures = _make(batch, family, conditioner, tally)
+            for task, image, seconds in made:
+                writer.submit(task, image, context=(group.name, batch.index, seconds))
+            checkpoint.commit([Outcome(task, ok=False, error=error, group=group.name, batch=batch.index)
+                               for task, error in failures])
+            tally.failed += len(failures)
+            _commit_written(writer.finished(), checkpoint, [tally])
+            progress.advance(len(batch.tasks))
+        _commit_written(writer.finished(block=True), checkpoint, [tally])
+    finally:
+        tally.wall_s = time.perf_counter() - started
+        if cuda:
+            tally.peak_vram_bytes = torch.cuda.max_memory_allocated()
+
+
+def _make(batch: Batch, family, conditioner, tally: GroupTally):
+    """Generate a batch; a failing batch is retried in halves down to single images.
+
+    Returns ([(task, image, seconds)], [(task, error)]).
+    """
+    try:
+        output = generate_batch(family, conditioner, batch)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # one bad job must not stop the night: record it, go on
+        _free_cuda(family.device)
+        if len(batch.tasks) == 1:
+            log.error("job %s image %d failed", batch.tasks[0].job.id, batch.tasks[0].k, exc_info=True)
+            return [], [(batch.tasks[0], f"{type(e).__name__}: {e}")]
+        log.warning("batch %d failed (%s: %s); retrying in halves", batch.index, type(e).__name__, e)
+        half = len(batch.tasks) // 2
+        made, failures = [], []
+        for part in (batch.tasks[:half], batch.tasks[half:]):
+            m, f = _make(Batch(batch.index, part), family, conditioner, tally)
+            made += m
+            failures += f
+        return made, failures
+    tally.stages.encode_s += output.encode_s
+    tally.stages.denoise_s += output.denoise_s
+    tally.stages.decode_s += output.decode_s
+    share = output.seconds / len(batch.tasks)
+    return [(task, image, share) for task, image in zip(batch.tasks, output.images)], []
+
+
+def _free_cuda(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _commit_written(written, checkpoint: Checkpoint, tallies: list[GroupTally]) -> None:
+    outcomes = []
+    for w in written:
+        group, batch, seconds = w.context
+        if w.error:
+            outcomes.append(Outcome(w.task, ok=False, error=w.error, group=group, batch=batch))
+            continue
+        outcomes.append(Outcome(w.task, ok=True, file=w.file, meta=w.meta, group=group, batch=batch, seconds=seconds))
+        for tally in tallies:
+            if tally.group.name == group:
+                tally.per_image_s.append(seconds)
+                tally.stages.write_s += w.seconds
+    checkpoint.commit(outcomes)
+
+
+def _device_used_bytes(device: str) -> int | None:
+    """Memory in use on the whole device (what nvidia-smi shows), beside torch's own peak."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def run_settings(config: RunConfig, device: str, dtype: str, manifest: Manifest) -> dict:
+    """run.json and the report's "run" block: resolved settings, versions, device."""
+    import diffusers
+    import torch
+    import transformers
+
+    gpu_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
+    return {
+        "model": config.model, "device": device, "gpu_name": gpu_name, "dtype": dtype,
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+        "sdbatch": __version__, "python": platform.python_version(),
+        "batch_size": config.batch_size or "auto", "compile": config.compile,
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "manifest": str(manifest.path), "manifest_sha256": manifest.sha256,
+        "seed": config.seed, "format": config.format, "limit": config.limit,
+        "fresh": config.fresh, "retry_failed": config.retry_failed, "skip_invalid": config.skip_invalid,
+        "defaults": dataclasses.asdict(config.defaults),
+        "host": platform.node(),
+    }
+
+
+def _log_to(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("batch")
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    return handler

@@ -1,0 +1,222 @@
+"""Write images and the output folder's files atomically; encode images in a small thread pool."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from .job import ImageTask
+from .schedulers import SCHEDULERS
+
+TEMP_MARK = ".tmp-"
+FORMATS = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # keep \t and \n; the rest would break readers
+
+
+def clean_text(text: str) -> str:
+    """Text safe for a PNG text chunk: no NUL or control characters, newlines normalised."""
+    return _CONTROL.sub(" ", text.replace("\r\n", "\n").replace("\r", "\n"))
+
+
+def infotext(task: ImageTask, model: str) -> str:
+    """The AUTOMATIC1111 `parameters` layout, which existing tools parse."""
+    job = task.job
+    lines = [clean_text(job.prompt) if job.image_prompt_method != "clip_embed" else ""]
+    if job.negative_prompt:
+        lines.append(f"Negative prompt: {clean_text(job.negative_prompt)}")
+    fields = [
+        f"Steps: {job.steps}",
+        f"Sampler: {SCHEDULERS[job.scheduler].label}",
+        f"CFG scale: {job.cfg:g}",
+        f"Seed: {task.seed}",
+        f"Size: {job.width}x{job.height}",
+        f"Model: {clean_text(model).replace(',', ' ')}",
+    ]
+    if job.strength is not None:
+        fields.append(f"Denoising strength: {job.strength:g}")
+    if job.image_prompt_method:
+        fields.append(f"Image prompt: {job.image_prompt_method}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def image_metadata(task: ImageTask, model: str, file_name: str) -> dict:
+    """One metadata.jsonl line: file name, every parameter, then the manifest's extra columns."""
+    job = task.job
+    meta = {
+        "file_name": file_name,
+        "id": job.id,
+        "k": task.k,
+        "mode": job.mode,
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "seed": task.seed,
+        "steps": job.steps,
+        "cfg": job.cfg,
+        "width": job.width,
+        "height": job.height,
+        "scheduler": job.scheduler,
+        "model": model,
+    }
+    if job.strength is not None:
+        meta.update(strength=job.strength, init_image=job.init_image)
+    if job.prompt_image is not None:
+        meta.update(prompt_image=job.prompt_image, image_prompt_method=job.image_prompt_method)
+    for column, value in job.extra:
+        meta[column] = value
+    return meta
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform (Windows)
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write) -> int:
+    """Call `write(file)` on a temp file beside `path`, fsync it, then rename over `path`.
+
+    A reader (or a rerun after a crash) sees the old file or the whole new one, never half.
+    """
+    temp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    try:
+        with open(temp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return size
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def remove_temp_files(folder: Path) -> int:
+    """Delete temp files a killed run left behind; returns how many."""
+    removed = 0
+    if folder.is_dir():
+        for entry in os.scandir(folder):
+            if entry.name.startswith(".") and TEMP_MARK in entry.name:
+                os.unlink(entry.path)
+                removed += 1
+    return removed
+
+
+def save_image(image, path: Path, fmt: str, parameters: str) -> int:
+    """Encode one image with its parameters embedded, atomically."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    kind = FORMATS[fmt]
+    options: dict = {}
+    if kind == "PNG":
+        info = PngInfo()
+        info.add_text("parameters", parameters)  # PIL writes iTXt when the text is not Latin-1
+        options.update(pnginfo=info, compress_level=4)  # level 4: most of the size, a third of the time of 9
+    else:
+        exif = Image.Exif()
+        # EXIF UserComment, as AUTOMATIC1111 does for JPEG and WebP.
+        exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + parameters.encode("utf-16-be")
+        options.update(exif=exif.tobytes(), quality=95)
+    return write_atomic(path, lambda f: image.save(f, format=kind, **options))
+
+
+@dataclass(frozen=True)
+class Written:
+    """The writer pool's answer for one image."""
+
+    task: ImageTask
+    file: str | None
+    meta: dict | None  # the metadata.jsonl line
+    error: str | None
+    seconds: float
+    context: object  # whatever the submitter attached (group, batch timings)
+
+
+class ImageWriter:
+    """Encodes and writes images on worker threads so the next batch can start at once."""
+
+    def __init__(self, folder: Path, fmt: str, model: str, threads: int = 2, max_pending: int = 64):
+        self.folder, self.fmt, self.model = folder, fmt, model
+        self.max_pending = max_pending  # bounds the decoded images held in memory
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sdbatch-writer")
+        self.pending: list[Future] = []
+        self.done: list[Future] = []
+
+    def submit(self, task: ImageTask, image, context=None) -> None:
+        if len(self.pending) >= self.max_pending:
+            wait(self.pending, return_when=FIRST_COMPLETED)
+            self.done += [f for f in self.pending if f.done()]
+            self.pending = [f for f in self.pending if not f.done()]
+        self.pending.append(self.pool.submit(self._write, task, image, context))
+
+    def _write(self, task: ImageTask, image, context) -> Written:
+        started = time.perf_counter()
+        name = f"{task.stem}.{self.fmt}"
+        try:
+            save_image(image, self.folder / name, self.fmt, infotext(task, self.model))
+        except OSError as e:
+            return Written(task, None, None, f"write failed: {e}", time.perf_counter() - started, context)
+        meta = image_metadata(task, self.model, name)
+        return Written(task, name, meta, None, time.perf_counter() - started, context)
+
+    def finished(self, block: bool = False) -> list[Written]:
+        """Results of writes that have completed (all of them, waiting, when `block`)."""
+        if block:
+            wait(self.pending)
+        done = self.done + [f for f in self.pending if f.done()]
+        self.pending = [f for f in self.pending if not f.done()]
+        self.done = []
+        return [f.result() for f in done]
+
+    def close(self) -> list[Written]:
+        results = self.finished(block=True)
+        self.pool.shutdown(wait=True)
+        return results
+
+
+def write_metadata(out: Path, lines) -> int:
+    """images/metadata.jsonl from the checkpoint's done images: each image exactly once."""
+    count = 0
+
+    def write(f):
+        nonlocal count
+        for line in lines:
+            f.write(line.encode("utf-8") + b"\n")
+            count += 1
+
+    write_atomic(out / "images" / "metadata.jsonl", write)
+    return count
+
+
+def write_failed(out: Path, failed: list[tuple[str, str, str, int]]) -> int:
+    """failed.jsonl: one manifest row per failed job, with its error, ready to run again."""
+    seen, lines = set(), []
+    for job_id, row, error, attempts in failed:
+        if job_id in seen:
+            continue
+        seen.add(job_id)
+        record = json.loads(row) if row else {}
+        record.setdefault("id", job_id)
+        record["error"] = error
+        record["attempts"] = attempts
+        lines.append(json.dumps(record, ensure_ascii=False))
+    path = out / "failed.jsonl"
+    if lines or path.exists():
+        write_text_atomic(path, "".join(line + "\n" for line in lines))
+    return len(lines)
