@@ -1,0 +1,110 @@
+"""Interruptions: SIGKILL mid-run, rerun finishes; batch size never changes pixels; status counts."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import numpy as np
+from conftest import REPO, cli, pixels, read_metadata, write_jsonl
+
+# Slow enough per image (more steps) that a kill lands mid-run; small enough to stay fast.
+SLOW = ["--model", "tiny", "--device", "cpu", "--steps", "12", "--width", "64", "--height", "64"]
+
+
+def _manifest(tmp_path, count=16):
+    rows = [{"id": f"img{i:02d}", "prompt": f"a picture of thing {i % 5}", "seed": 100 + i} for i in range(count)]
+    rows[3]["num_images"] = 2
+    return write_jsonl(tmp_path / "m.jsonl", rows)
+
+
+def _start(manifest, out, *extra):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, str(REPO / "run_batch.py"), str(manifest), *SLOW, "--out", str(out),
+                             "--quiet", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _done(out) -> int:
+    try:
+        db = sqlite3.connect(f"file:{out / 'checkpoint.sqlite'}?mode=ro", uri=True, timeout=5)
+        try:
+            return db.execute("SELECT COUNT(*) FROM images WHERE status = 'done'").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0
+
+
+def _wait_for_done(proc, out, at_least: int, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = _done(out)
+        if done >= at_least or proc.poll() is not None:
+            return done
+        time.sleep(0.02)
+    raise AssertionError("run made no progress")
+
+
+def _status(out, capsys) -> dict:
+    capsys.readouterr()
+    assert cli("status", out, "--json") == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_sigkill_then_rerun_finishes_with_identical_images(tmp_path, capsys):
+    manifest = _manifest(tmp_path)
+    reference = tmp_path / "reference"
+    assert cli(manifest, *SLOW, "--out", reference, "--quiet", "--batch-size", "2") == 0
+
+    out = tmp_path / "killed"
+    proc = _start(manifest, out, "--batch-size", "2")
+    seen = _wait_for_done(proc, out, at_least=3)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    status = _status(out, capsys)  # read while the run writes
+    assert status["total"] == 17 and status["done"] >= seen and status["done"] + status["pending"] + status["failed"] == 17
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_at_kill = _done(out)
+    assert 3 <= done_at_kill < 17
+
+    assert cli(manifest, *SLOW, "--out", out, "--quiet", "--batch-size", "2") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["totals"]["skipped_from_checkpoint"] == done_at_kill
+    assert report["totals"]["generated"] == 17 - done_at_kill
+    assert _status(out, capsys) == {"total": 17, "done": 17, "failed": 0, "pending": 0}
+    files = sorted(p.name for p in (out / "images").iterdir())
+    assert not [f for f in files if f.startswith(".")], "temp files left behind"
+    names = [m["file_name"] for m in read_metadata(out)]
+    assert len(names) == len(set(names)) == 17
+    assert sorted(names) == sorted(f for f in files if f.endswith(".png"))
+    for name in names:
+        assert np.abs(pixels(out / "images" / name) - pixels(reference / "images" / name)).max() <= 2, name
+
+
+def test_batch_size_does_not_change_pixels(tmp_path, images_dir, mixed_manifest):
+    one, four = tmp_path / "bs1", tmp_path / "bs4"
+    fast = ["--model", "tiny", "--device", "cpu", "--steps", "4", "--width", "64", "--height", "64", "--quiet"]
+    assert cli(mixed_manifest, *fast, "--out", one, "--batch-size", "1") == 0
+    assert cli(mixed_manifest, *fast, "--out", four, "--batch-size", "4") == 0
+    names = [m["file_name"] for m in read_metadata(one)]
+    assert len(names) == 6 and names == [m["file_name"] for m in read_metadata(four)]
+    batches = {json.loads((d / "report.json").read_text())["groups"][0]["batches"] for d in (one, four)}
+    assert batches == {3, 1}  # the txt2img group: 3 images, really batched differently
+    for name in names:
+        a, b = pixels(one / "images" / name), pixels(four / "images" / name)
+        assert a.std() > 1  # not a blank image
+        assert np.abs(a - b).max() <= 2, name
+
+
+def test_seed_changes_pixels_and_rows_are_reproducible(tmp_path):
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "a", "prompt": "x", "seed": 1}, {"id": "b", "prompt": "x", "seed": 2}])
+    fast = ["--model", "tiny", "--device", "cpu", "--steps", "3", "--width", "64", "--height", "64", "--quiet"]
+    assert cli(manifest, *fast, "--out", tmp_path / "o1") == 0
+    assert cli(manifest, *fast, "--out", tmp_path / "o2", "--batch-size", "1") == 0
+    a1, b1 = pixels(tmp_path / "o1/images/a.png"), pixels(tmp_path / "o1/images/b.png")
+    assert np.abs(a1 - b1).max() > 20  # another seed, another image
+    assert np.abs(a1 - pixels(tmp_path / "o2/images/a.png")).max() <= 2
