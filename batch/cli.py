@@ -96,8 +96,20 @@ def _default_out(manifest: Path) -> Path:
     return Path("outputs") / (name or "run")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now, so lines land above rich's live progress bar."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(quiet: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     if quiet:  # only warnings, plus the periodic progress lines
         handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name == "batch.progress")

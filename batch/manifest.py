@@ -339,6 +339,8 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
     if seed is None:
         seed = derive_seed(run_seed, job_id)
     scheduler = row.choice("scheduler", tuple(SCHEDULERS), defaults.scheduler)
+    if strength is not None and int(steps * strength) < 1:  # diffusers runs int(steps * strength) steps
+        row.error("strength", strength, f"strength x steps must give at least one step (steps is {steps})")
 
     for column in ("lora", "model"):
         if raw.get(column) not in (None, ""):

@@ -57,10 +57,11 @@ def images_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def mixed_manifest(images_dir: Path) -> Path:
-    """One row of each mode, with 2 images on one row: 6 images."""
+    """One row of each mode (some with euler_a, an ancestral sampler), 2 images on one row: 7 images."""
     return write_jsonl(images_dir / "mixed.jsonl", [
         {"id": "t1", "prompt": "a red fox", "num_images": 2, "seed": 7},
-        {"id": "t2", "prompt": "a castle", "negative_prompt": "blurry"},
+        {"id": "t2", "prompt": "a castle", "negative_prompt": "blurry", "scheduler": "euler_a"},
+        {"id": "t3", "prompt": "a castle at night", "scheduler": "euler_a", "seed": 11},
         {"id": "i1", "prompt": "a painting", "init_image": "init.png", "strength": 0.7},
         {"id": "i2", "prompt": "a photo", "init_image": "init.png", "strength": 0.5, "seed": 3},
         {"id": "p1", "prompt_image": "prompt.png", "image_prompt_method": "clip_embed"},
