@@ -144,7 +144,9 @@ def cmd_validate(args) -> int:
 
     manifest = load_manifest(args.manifest, _defaults(args), args.seed, args.skip_invalid)
     jobs = manifest.jobs[: args.limit] if args.limit else manifest.jobs
-    device = "cpu" if args.device in ("auto", "cpu") else args.device
+    from .models import resolve_device
+
+    device = resolve_device(args.device)  # the plan's batch sizes depend on it, as in `run`
     tasks = [t for job in jobs for t in job.images("")]
     plan = make_plan(tasks, args.model, args.batch_size, device)
     if args.json:

@@ -9,6 +9,8 @@ import io
 import json
 import math
 import re
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +56,7 @@ def read_rows(path: Path) -> tuple[list[tuple[int, dict]], list[RowError], bytes
     if name.endswith(".gz"):
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise ManifestError(path, [RowError(None, None, None, f"not a valid gzip file: {e}")]) from None
         name = name[:-3]
     if name.endswith(".jsonl") or name.endswith(".ndjson"):
@@ -94,7 +96,8 @@ def _read_jsonl(data: bytes) -> tuple[list[tuple[int, dict]], list[RowError]]:
     if text is None:
         return [], errors
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit inside a string
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:
@@ -118,11 +121,16 @@ def _read_csv(data: bytes) -> tuple[list[tuple[int, dict]], list[RowError]]:
     if not text.strip():
         return [], [RowError(None, None, None, "the manifest is empty")]
     try:
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            # index_col=False: a first row with an extra (unquoted) comma must not become an index
+            frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_filter=False, index_col=False)
     except (pd.errors.ParserError, csv.Error, ValueError) as e:
         match = re.search(r"line (\d+)", str(e))
         line = int(match.group(1)) if match else None
-        return [], [RowError(line, None, None, f"malformed CSV: {str(e).strip()}")]
+        return [], [RowError(line, None, None, f"malformed CSV: {str(e).strip()} (quote cells that contain commas)")]
+    if any("Length of header" in str(w.message) for w in caught):
+        return [], [_too_many_fields(text)]
     header = [str(c) for c in frame.columns]
     dupes = sorted({c for c in header if header.count(c) > 1} | {c for c in header if re.fullmatch(r".+\.\d+", c) and c.rsplit(".", 1)[0] in header})
     if dupes:
@@ -137,25 +145,70 @@ def _read_csv(data: bytes) -> tuple[list[tuple[int, dict]], list[RowError]]:
 
 
 def _record_lines(text: str, count: int) -> list[int]:
-    """The physical line each CSV record starts on (quoted newlines make it differ from the index)."""
-    if '"' not in text and text.count("\n") <= count + 1:
-        return list(range(2, count + 2))
-    reader = csv.reader(io.StringIO(text))
-    starts, previous = [], 0
-    for record in reader:
-        if record:  # pandas skips blank lines too
-            starts.append(previous + 1)
-        previous = reader.line_num
+    """The physical line each CSV record starts on (quoted newlines make it differ from the index).
+
+    pandas skips blank lines; so do we. If our count disagrees with pandas', fall back to
+    index + 2, which is right for every file without blank lines or quoted newlines.
+    """
+    starts = []
+    if '"' not in text:
+        starts = [n for n, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1) if line != ""]
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        previous = 0
+        try:
+            for record in reader:
+                if record:
+                    starts.append(previous + 1)
+                previous = reader.line_num
+        except csv.Error:
+            starts = []
     starts = starts[1:]  # the header
     return starts if len(starts) == count else list(range(2, count + 2))
 
 
+def _too_many_fields(text: str) -> RowError:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = len(next(reader))
+        previous = reader.line_num
+        for record in reader:
+            if len(record) > header:
+                return RowError(previous + 1, None, None,
+                                f"{len(record)} cells but the header has {header}: quote cells that contain commas")
+            previous = reader.line_num
+    except csv.Error:
+        pass
+    return RowError(None, None, None, "a row has more cells than the header: quote cells that contain commas")
+
+
 def _near_miss(column: str) -> str | None:
+    """The known column a misspelt name was meant to be, or None for a genuine extra column.
+
+    Long names: difflib ratio >= 0.8 (`stpes`, `strenght`). Short names: one edit away with
+    the same first letter (`sedd`), or two letters swapped (`cgf`); `note` stays a label.
+    """
     lowered = column.strip().lower()
-    if lowered in COLUMNS and lowered != column:
-        return lowered
+    if lowered in COLUMNS:
+        return lowered if lowered != column else None
     match = difflib.get_close_matches(lowered, COLUMNS, n=1, cutoff=0.8)
-    return match[0] if match else None
+    if match:
+        return match[0]
+    for known in COLUMNS:
+        if _one_edit(lowered, known) and (lowered[:1] == known[:1] or sorted(lowered) == sorted(known)):
+            return known
+    return None
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """True when a and b differ by one insertion, deletion, substitution or swap of neighbours."""
+    if abs(len(a) - len(b)) > 1 or a == b:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
 
 
 class _Row:
@@ -285,13 +338,8 @@ def derive_seed(run_seed: int, job_id: str) -> int:
 def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images: _ImageChecker) -> tuple[Job | None, list[RowError]]:
     """One raw row to a Job, or the list of everything wrong with it."""
     row = _Row(line, raw)
-    job_id = row.text("id")
-    if job_id is not None:
-        job_id = job_id.strip()
-    if not job_id:
-        if "id" in raw and raw["id"] is not None:
-            row.error("id", raw["id"], "must not be blank")
-        job_id = f"row-{line}"
+    row.text("id")  # an object or list as id is an error
+    job_id = _row_id(line, raw)
     stem = file_stem(job_id)
     if not stem.strip("_") or len(stem.encode()) > MAX_STEM_BYTES:
         row.error("id", job_id, f"must give a file name: 1 to {MAX_STEM_BYTES} bytes of letters, digits, '.', '-', '_'")
@@ -380,25 +428,45 @@ def _column_errors(rows: list[tuple[int, dict]]) -> list[RowError]:
     return errors
 
 
-def _unique_ids(jobs: list[Job]) -> dict[int, list[RowError]]:
-    """Errors per line for duplicate ids and for ids whose file names would collide."""
+def _row_id(line: int, raw: dict) -> str:
+    value = raw.get("id")
+    text = str(value).strip() if value is not None and not isinstance(value, (dict, list)) else ""
+    return text or f"row-{line}"
+
+
+def _image_count(raw: dict) -> int:
+    try:
+        count = int(str(raw.get("num_images") or 1).strip())
+    except ValueError:
+        return 1
+    return count if 1 <= count <= MAX_IMAGES_PER_ROW else 1
+
+
+def _unique_ids(rows: list[tuple[int, dict]]) -> dict[int, list[RowError]]:
+    """Errors per line for duplicate ids and ids whose file names would collide.
+
+    Runs over every row, valid or not, so that all errors show up at once.
+    """
     errors: dict[int, list[RowError]] = {}
     by_id: dict[str, int] = {}
     by_stem: dict[str, tuple[str, int]] = {}
-    for job in jobs:
-        if job.id in by_id:
-            errors.setdefault(job.line, []).append(RowError(job.line, "id", job.id, f"duplicate id (first used on line {by_id[job.id]})"))
+    for line, raw in rows:
+        job_id = _row_id(line, raw)
+        if job_id in by_id:
+            errors.setdefault(line, []).append(RowError(line, "id", job_id, f"duplicate id (first used on line {by_id[job_id]})"))
             continue
-        by_id[job.id] = job.line
-        stems = [job.stem] if job.num_images == 1 else [f"{job.stem}-{k}" for k in range(job.num_images)]
-        for stem in stems:
-            key = stem.lower()  # case-insensitive file systems (macOS, Windows) would merge them
-            if key in by_stem and by_stem[key][0] != job.id:
+        by_id[job_id] = line
+        stem, count = file_stem(job_id), _image_count(raw)
+        if not stem.strip("_"):  # no usable file name: validate_row reports it
+            continue
+        for name in [stem] if count == 1 else (f"{stem}-{k}" for k in range(count)):
+            key = name.lower()  # case-insensitive file systems (macOS, Windows) would merge them
+            if key in by_stem and by_stem[key][0] != job_id:
                 other_id, other_line = by_stem[key]
-                errors.setdefault(job.line, []).append(RowError(
-                    job.line, "id", job.id, f"its file name '{stem}' collides with id '{other_id}' on line {other_line}"))
+                errors.setdefault(line, []).append(RowError(
+                    line, "id", job_id, f"its file name '{name}' collides with id '{other_id}' on line {other_line}"))
                 break
-            by_stem[key] = (job.id, job.line)
+            by_stem[key] = (job_id, line)
     return errors
 
 
@@ -422,17 +490,15 @@ def load_manifest(path: Path, defaults: Defaults = Defaults(), run_seed: int = 0
 
 def _validate_rows(path: Path, rows, defaults: Defaults, run_seed: int):
     images = _ImageChecker(path.resolve().parent)
+    duplicates = _unique_ids(rows)
     jobs, invalid = [], []
     for line, raw in rows:
         job, errors = validate_row(line, raw, defaults, run_seed, images)
-        if job is not None:
-            jobs.append(job)
-        else:
+        errors = errors + duplicates.get(line, [])
+        if errors:
             invalid.append((line, raw, errors))
-    duplicates = _unique_ids(jobs)
-    if duplicates:
-        invalid += [(job.line, json.loads(job.row), duplicates[job.line]) for job in jobs if job.line in duplicates]
-        jobs = [job for job in jobs if job.line not in duplicates]
+        else:
+            jobs.append(job)
     return jobs, invalid
 
 
