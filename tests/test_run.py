@@ -163,3 +163,21 @@ def test_user_errors_exit_2_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "Traceback" not in err and "error:" in err
     assert not (tmp_path / "o" / "images").exists()
+
+
+def test_excel_style_csv_runs_and_keeps_text_unchanged(tmp_path):
+    prompt = "a cat, in a hat\nsecond line: Ünïcode 日本 — “quoted”"
+    body = ('id,prompt,label,steps\r\n'
+            'c1,"a cat, in a hat\nsecond line: Ünïcode 日本 — “quoted”","tabby, orange",3\r\n'
+            'c2,plain prompt,ginger,3\r\n')
+    manifest = tmp_path / "excel.csv"
+    manifest.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    out = tmp_path / "out"
+    assert cli(manifest, *FAST, "--out", out, "--quiet") == 0
+    first, second = read_metadata(out)
+    assert first["prompt"] == prompt and first["label"] == "tabby, orange" and first["id"] == "c1"
+    assert second["prompt"] == "plain prompt" and second["label"] == "ginger"
+    from PIL import Image
+
+    with Image.open(out / "images" / "c1.png") as image:
+        assert image.text["parameters"].startswith("a cat, in a hat\nsecond line: Ünïcode 日本")
