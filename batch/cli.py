@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _defaults(args) -> Defaults:
-    return Defaults(steps=args.steps, cfg=args.cfg, width=args.width, height=args.height, scheduler=args.scheduler)
+    return Defaults(steps=args.steps, cfg=args.cfg, width=args.width, height=args.height, scheduler=args.scheduler,
+                    model=args.model)
 
 
 def _default_out(manifest: Path) -> Path:

@@ -21,6 +21,7 @@ class Defaults:
     image_prompt_method: str = "ip_adapter"
     num_images: int = 1
     negative_prompt: str = ""
+    model: str = DEFAULT_MODEL  # the run's --model; a row's `model` column overrides it
 
 
 @dataclass(frozen=True)
@@ -41,5 +42,12 @@ class RunConfig:
     limit: int | None = None  # first N jobs (rows) only
     quiet: bool = False
     compile: bool = False
+    # Small GPUs: see README "Memory". offload: none | model | sequential.
+    offload: str = "none"
+    attention_slicing: bool = False
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    safety_checker: bool = False  # off by default, as for a batch tool; on where the model ships one
+    ip_adapter: str | None = None  # None: tiny's own for --model tiny, else h94/IP-Adapter's SD 1.5 adapter
     writer_threads: int = 2  # PNG encoding releases the GIL in zlib; two keep up with a GPU
     defaults: Defaults = field(default_factory=Defaults)

@@ -16,12 +16,14 @@ from .plan import Batch
 
 @dataclass(frozen=True)
 class BatchOutput:
-    """Decoded images of one batch (in task order) and where the time went."""
+    """One batch's images in task order (None where that image failed) and where the time went."""
 
     images: list
     encode_s: float
     denoise_s: float
     decode_s: float
+    errors: dict = dataclasses.field(default_factory=dict)  # task index -> error text
+    notes: dict = dataclasses.field(default_factory=dict)  # task index -> metadata to record
 
     @property
     def seconds(self) -> float:
@@ -48,8 +50,9 @@ class Conditioner:
 
     def __init__(self, family: PipelineFamily, cache_size: int = 2048):
         self.family = family
-        self.text_cache = _LRU(cache_size)
+        self.text_cache = _LRU(cache_size)  # cleared when the LoRA changes: it may touch the text encoder
         self.image_cache = _LRU(cache_size)
+        self.ip_cache = _LRU(cache_size)
 
     def text(self, texts: list[str]):
         import torch
@@ -62,26 +65,48 @@ class Conditioner:
                 self.text_cache.put(text, embed)
         return torch.stack([self.text_cache[t] for t in texts])
 
-    def images(self, jobs) -> object:
-        """clip_embed: the image encoder's projected embedding, repeated over the token sequence."""
-        import torch
+    def _pictures(self, jobs, cache) -> list:
+        """The distinct prompt images of `jobs` not yet in `cache`: [(sha, RGB image)]."""
         from PIL import Image
 
-        pipe = self.family.image_prompt
-        missing = list(dict.fromkeys((j.prompt_image_sha, j.prompt_image) for j in jobs if j.prompt_image_sha not in self.image_cache))
-        if missing:
-            pictures = []
-            for _, path in missing:
-                with Image.open(path) as picture:
-                    pictures.append(picture.convert("RGB"))
-            encoder = pipe.image_encoder
-            pixels = pipe.feature_extractor(images=pictures, return_tensors="pt").pixel_values
+        missing = list(dict.fromkeys((j.prompt_image_sha, j.prompt_image) for j in jobs if j.prompt_image_sha not in cache))
+        pictures = []
+        for sha, path in missing:
+            with Image.open(path) as picture:
+                pictures.append((sha, picture.convert("RGB")))
+        return pictures
+
+    def clip_embeds(self, jobs):
+        """clip_embed: the CLIP image embedding, repeated over the token sequence, as prompt embeddings."""
+        import torch
+
+        encoder, processor = self.family.clip_vision_encoder()
+        pictures = self._pictures(jobs, self.image_cache)
+        if pictures:
+            pixels = processor(images=[p for _, p in pictures], return_tensors="pt").pixel_values
             embeds = encoder(pixels.to(encoder.device, encoder.dtype)).image_embeds
-            for (sha, _), embed in zip(missing, embeds):
+            for (sha, _), embed in zip(pictures, embeds):
                 self.image_cache.put(sha, embed)
+        pipe = self.family.image_prompt
         length = pipe.tokenizer.model_max_length
         stacked = torch.stack([self.image_cache[j.prompt_image_sha] for j in jobs])
         return stacked.unsqueeze(1).expand(-1, length, -1).to(pipe.unet.dtype)
+
+    def ip_embeds(self, jobs, guidance: bool) -> list:
+        """ip_adapter: image embeddings per prompt image (computed once each), laid out as
+        `ip_adapter_image_embeds` expects: [negatives; positives] under guidance."""
+        import torch
+
+        pipe = self.family.image_prompt
+        cache = self.ip_cache
+        for sha, picture in self._pictures(jobs, cache):
+            positive, negative = pipe.encode_image(picture, pipe._execution_device, 1)
+            cache.put(sha, (positive, negative))
+        positive = torch.stack([cache[j.prompt_image_sha][0] for j in jobs])
+        if not guidance:
+            return [positive]
+        negative = torch.stack([cache[j.prompt_image_sha][1] for j in jobs])
+        return [torch.cat([negative, positive])]
 
 
 def _sync(device: str) -> None:
@@ -113,21 +138,29 @@ def generate_batch(family: PipelineFamily, conditioner: Conditioner, batch: Batc
     tasks = batch.tasks
     pipe = family.view(job.mode)
     family.use_scheduler(job.scheduler)
+    if family.use_lora(job.lora, job.lora_scale):
+        conditioner.text_cache.clear()
+    ip_adapter = job.image_prompt_method == "ip_adapter"
+    family.use_ip_adapter(ip_adapter, job.ip_scale)
+    guidance = job.cfg > 1.0  # diffusers' rule: no unconditional pass at cfg <= 1
 
-    # 1. Conditioning (cached per distinct prompt / image)
+    # 1. Conditioning (cached per distinct prompt / prompt image)
     started = time.perf_counter()
+    options = {}
     with torch.inference_mode():
         negative = conditioner.text([t.job.negative_prompt for t in tasks])
-        if job.mode == "image_prompt":
-            positive = conditioner.images([t.job for t in tasks])
+        if job.image_prompt_method == "clip_embed":
+            positive = conditioner.clip_embeds([t.job for t in tasks])
         else:
             positive = conditioner.text([t.job.prompt for t in tasks])
+        if ip_adapter:
+            options["ip_adapter_image_embeds"] = conditioner.ip_embeds([t.job for t in tasks], guidance)
     _sync(family.device)
     encoded = time.perf_counter()
 
     # 2. Denoising loop, inside the pipeline; latents out
     generators = [torch.Generator("cpu").manual_seed(t.seed) for t in tasks]
-    options = dict(
+    options.update(
         prompt_embeds=positive, negative_prompt_embeds=negative,
         num_inference_steps=steps or job.steps, guidance_scale=job.cfg,
         generator=generators, output_type="latent",
@@ -140,21 +173,70 @@ def generate_batch(family: PipelineFamily, conditioner: Conditioner, batch: Batc
     _sync(family.device)
     denoised = time.perf_counter()
 
-    # 3. Decode
-    images = decode(pipe, latents)
+    # 3. Decode, with the fp16 overflow guard
+    images, errors, notes = decode(pipe, latents, safety_checker=family.options.safety_checker)
     _sync(family.device)
     decoded = time.perf_counter()
-    return BatchOutput(images, encoded - started, denoised - encoded, decoded - denoised)
+    return BatchOutput(images, encoded - started, denoised - encoded, decoded - denoised, errors, notes)
 
 
-def decode(pipe, latents) -> list:
-    """Latents to PIL images through the VAE."""
+def _vae_decode(vae, latents):
+    """Latents to pixels in [-1, 1] (a seam the tests use to inject an fp16 overflow)."""
+    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+
+
+def _finite(tensor):
+    import torch
+
+    return torch.isfinite(tensor.flatten(1)).all(dim=1)
+
+
+def decode(pipe, latents, safety_checker: bool = False) -> tuple[list, dict, dict]:
+    """Latents to PIL images; non-finite results are decoded again in fp32.
+
+    fp16 VAEs overflow on some latents (black or NaN images). Those images are decoded
+    again in fp32 and the fact is recorded; an image that is still not finite fails.
+    Returns (images with None for failures, {index: error}, {index: metadata notes}).
+    """
     import torch
 
     vae = pipe.vae
+    errors, notes = {}, {}
     with torch.inference_mode():
-        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    return pipe.image_processor.postprocess(pixels, output_type="pil", do_denormalize=[True] * len(pixels))
+        pixels = _vae_decode(vae, latents)
+        bad = ~(_finite(pixels) & _finite(latents))
+        if bad.any():
+            again = _decode_fp32(vae, latents[bad])
+            pixels = pixels.float()
+            pixels[bad] = again
+            for index, ok in zip(bad.nonzero().flatten().tolist(), _finite(again).tolist()):
+                if ok:
+                    notes[index] = {"vae_fp32_redecode": True}
+                else:
+                    errors[index] = "non-finite output: the latents hold NaN/inf even in fp32 (try another seed, dtype or scheduler)"
+        nsfw = [False] * len(pixels)
+        if safety_checker and getattr(pipe, "safety_checker", None) is not None:
+            pixels, flagged = pipe.run_safety_checker(pixels, pixels.device, pixels.dtype)
+            nsfw = list(flagged) if flagged is not None else nsfw
+            for index, flag in enumerate(nsfw):
+                notes.setdefault(index, {})["nsfw"] = bool(flag)
+        pixels = torch.nan_to_num(pixels.float())
+    images = pipe.image_processor.postprocess(pixels, output_type="pil", do_denormalize=[not f for f in nsfw])
+    return [None if i in errors else image for i, image in enumerate(images)], errors, notes
+
+
+def _decode_fp32(vae, latents):
+    """Decode in fp32, upcasting the VAE for the moment if it is half precision."""
+    import torch
+
+    dtype = vae.dtype
+    if dtype == torch.float32:
+        return _vae_decode(vae, latents.float()).float()
+    vae.to(torch.float32)
+    try:
+        return _vae_decode(vae, latents.float()).float()
+    finally:
+        vae.to(dtype)
 
 
 def warm_up(family: PipelineFamily, conditioner: Conditioner, batch: Batch) -> float:

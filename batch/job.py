@@ -35,6 +35,7 @@ class Job:
     ip_scale: float | None = None  # image_prompt with ip_adapter only
     lora: str | None = None
     lora_scale: float | None = None
+    model: str = ""  # the row's model, or the run's --model
     extra: tuple[tuple[str, object], ...] = ()  # unknown columns, carried into metadata
     row: str = field(default="{}", compare=False)  # the manifest row as read (JSON), for failed.jsonl
 
@@ -57,11 +58,13 @@ class Job:
             "ip_scale": self.ip_scale,
             "lora": self.lora,
             "lora_scale": self.lora_scale,
+            "model": self.model,
         }
 
     def batch_key(self) -> tuple:
         """Rows with equal batch keys may share one UNet call."""
-        return (self.steps, self.cfg, self.strength, self.scheduler, self.image_prompt_method, self.ip_scale)
+        return (self.steps, self.cfg, self.strength, self.scheduler, self.image_prompt_method, self.ip_scale,
+                self.lora_scale)
 
     def images(self, salt: str) -> list[ImageTask]:
         """The images this job makes; `salt` names the run-level settings that change pixels."""

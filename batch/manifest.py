@@ -31,7 +31,6 @@ MAX_STEPS = 1000
 MAX_IMAGES_PER_ROW = 10_000
 MAX_SEED = 2**63 - 1
 MAX_STEM_BYTES = 200
-NOT_YET = "not supported yet (arrives with the real-model features)"
 
 
 @dataclass(frozen=True)
@@ -317,6 +316,25 @@ class _ImageChecker:
         return hashlib.sha256(data).hexdigest(), None
 
 
+_LOOKS_LOCAL = re.compile(r"^(\.|~|/|[A-Za-z]:\\)|\.(safetensors|ckpt|pt|bin)$")
+
+
+def _reference(row: _Row, column: str, folder: Path) -> str | None:
+    """A model or LoRA reference: an existing path (relative to the manifest's folder) or a hub id."""
+    value = row.text(column)
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    path = Path(value).expanduser()
+    candidate = path if path.is_absolute() else folder / path
+    if candidate.exists():
+        return _normalise(candidate.resolve())
+    if _LOOKS_LOCAL.search(value):
+        row.error(column, value, f"not found: {candidate} (relative paths resolve against the manifest's folder)")
+        return None
+    return value  # a hub id or a preset name such as 'tiny'; resolved when the model loads
+
+
 def _normalise(path: Path) -> str:
     import os
 
@@ -367,13 +385,13 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
     method = ip_scale = strength = None
     if mode == "image_prompt":
         method = row.choice("image_prompt_method", IMAGE_PROMPT_METHODS, defaults.image_prompt_method)
-        if method == "ip_adapter":
-            row.error("image_prompt_method", "ip_adapter", f"ip_adapter is {NOT_YET}; use image_prompt_method=clip_embed")
     if mode == "img2img":
         strength = row.number("strength", float, 0.0, 1.0, defaults.strength, low_open=True)
     elif raw.get("strength") not in (None, ""):
         row.error("strength", raw["strength"], "only img2img rows take a strength")
-    row.number("ip_scale", float, 0.0, 100.0, defaults.ip_scale)  # checked now, used with ip_adapter
+    scale = row.number("ip_scale", float, 0.0, 100.0, defaults.ip_scale)
+    if method == "ip_adapter":
+        ip_scale = scale
 
     width = row.number("width", int, 8, MAX_SIDE, defaults.width)
     height = row.number("height", int, 8, MAX_SIDE, defaults.height)
@@ -390,11 +408,11 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
     if strength is not None and int(steps * strength) < 1:  # diffusers runs int(steps * strength) steps
         row.error("strength", strength, f"strength x steps must give at least one step (steps is {steps})")
 
-    for column in ("lora", "model"):
-        if raw.get(column) not in (None, ""):
-            row.error(column, raw[column], f"the '{column}' column is {NOT_YET}; use --model for the whole run")
-    if raw.get("lora_scale") not in (None, ""):
-        row.number("lora_scale", float, -10.0, 10.0, None)
+    model = _reference(row, "model", images.folder) or defaults.model
+    lora = _reference(row, "lora", images.folder)
+    lora_scale = row.number("lora_scale", float, -10.0, 10.0, 1.0 if lora else None)
+    if lora is None and raw.get("lora_scale") not in (None, ""):
+        row.error("lora_scale", raw["lora_scale"], "lora_scale needs a lora on the same row")
 
     extra = tuple((k, v) for k, v in raw.items() if k not in COLUMNS)
     if row.errors:
@@ -407,7 +425,7 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
         scheduler=scheduler, strength=strength,
         init_image=init_image, init_image_sha=init_sha,
         prompt_image=prompt_image, prompt_image_sha=prompt_sha,
-        image_prompt_method=method, ip_scale=ip_scale,
+        image_prompt_method=method, ip_scale=ip_scale, lora=lora, lora_scale=lora_scale, model=model,
         extra=extra, row=json.dumps(raw, ensure_ascii=False, default=str),
     )
     return job, []

@@ -2,10 +2,13 @@
 
 txt2img, img2img and image-prompt pipelines are `from_pipe` views: they hold the very
 same UNet, VAE and text encoder objects, so a mixed manifest costs one copy in memory.
+LoRA adapters, the IP-Adapter and the scheduler are switched on those shared modules
+between batches; nothing is reloaded from disk.
 """
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import os
 import re
@@ -19,28 +22,62 @@ from .schedulers import build_scheduler
 log = logging.getLogger(__name__)
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+SD15_CONFIGS = MODELS_DIR / "sd15"  # SD 1.5 configs and tokenizer, no weights
+TINY_IP_ADAPTER = MODELS_DIR / "tiny-ip-adapter" / "ip-adapter_tiny.safetensors"
+SD15_IP_ADAPTER = "h94/IP-Adapter/models/ip-adapter_sd15.safetensors"
 CLIP_VISION = "openai/clip-vit-large-patch14"  # SD 1.5's text encoder family; 768-d projection
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+OFFLOAD = ("none", "model", "sequential")
 
 
-def resolve_model(name: str) -> str:
-    """A model name to what `from_pretrained` takes: a local folder or a hub id."""
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from and how it loads."""
+
+    name: str  # as the user wrote it
+    kind: str  # folder | hub | single_file | sd15_random
+    location: str  # path or hub id
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to place a model in memory: precision and the small-GPU switches."""
+
+    device: str
+    dtype: str
+    offload: str = "none"  # model: whole components to the GPU in turn; sequential: layer by layer
+    attention_slicing: bool = False
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    safety_checker: bool = False
+    ip_adapter: str | None = None  # None: the model's default (tiny's own, else h94's SD 1.5 adapter)
+
+
+def resolve_model(name: str) -> ModelSource:
+    """A model name to a source: a preset, a diffusers folder, a single file, or a hub id."""
     if name == "tiny":
         path = MODELS_DIR / "tiny"
         if not (path / "model_index.json").exists():
             raise ModelError(f"the embedded tiny model is missing at {path}; rebuild it with `python -m batch.tiny_model`")
-        return str(path)
+        return ModelSource(name, "folder", str(path))
     if name == "sd15-random":
-        raise ModelError("--model sd15-random is not supported yet (arrives with the real-model features)")
+        if not (SD15_CONFIGS / "unet" / "config.json").exists():
+            raise ModelError(f"the SD 1.5 configs are missing at {SD15_CONFIGS}")
+        return ModelSource(name, "sd15_random", str(SD15_CONFIGS))
     path = Path(name).expanduser()
-    if path.exists():
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelError(f"{path}: a single-file checkpoint must end in {', '.join(SINGLE_FILE_SUFFIXES)}")
+        return ModelSource(name, "single_file", str(path.resolve()))
+    if path.is_dir():
         if not (path / "model_index.json").exists():
             raise ModelError(f"{path} is not a diffusers model folder (no model_index.json)")
-        return str(path.resolve())
+        return ModelSource(name, "folder", str(path.resolve()))
     if _HUB_ID.match(name):
-        return name
-    raise ModelError(f"model '{name}' is neither a folder that exists nor a hub id like 'org/name'")
+        return ModelSource(name, "hub", name)
+    raise ModelError(f"model '{name}' is neither an existing folder or checkpoint file nor a hub id like 'org/name'")
 
 
 def resolve_device(name: str) -> str:
@@ -50,7 +87,7 @@ def resolve_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BatchError(f"--device {name}: no CUDA device is available here (use --device cpu)")
-    if name != "cpu" and not name.startswith("cuda"):
+    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
         raise BatchError(f"--device {name}: use auto, cpu, cuda or cuda:N")
     return name
 
@@ -60,44 +97,18 @@ def resolve_dtype(name: str, device: str) -> str:
         return "fp16" if device.startswith("cuda") else "fp32"
     if name not in DTYPES:
         raise BatchError(f"--dtype {name}: use auto, fp16, bf16 or fp32")
+    if name == "fp16" and device == "cpu":
+        raise BatchError("--dtype fp16 on the CPU: many CPU kernels have no fp16 version; use fp32 or bf16")
     return name
 
 
-@dataclass
-class PipelineFamily:
-    """One model's loaded modules and the pipeline views that share them."""
-
-    model: str
-    device: str
-    dtype: str
-    txt2img: object
-    img2img: object
-    image_prompt: object
-    load_s: float
-    schedulers: dict = field(default_factory=dict)
-
-    def view(self, mode: str):
-        return {"txt2img": self.txt2img, "img2img": self.img2img, "image_prompt": self.image_prompt}[mode]
-
-    def views(self) -> list:
-        return [self.txt2img, self.img2img, self.image_prompt]
-
-    def use_scheduler(self, name: str) -> None:
-        """Switch every view to the named scheduler; built once per name, no weights touched."""
-        if name not in self.schedulers:
-            self.schedulers[name] = build_scheduler(name, self.txt2img.scheduler.config)
-        for pipe in self.views():
-            pipe.scheduler = self.schedulers[name]
-
-    def unload(self) -> None:
-        """Drop the modules so the next model has the memory."""
-        import torch
-
-        self.txt2img = self.img2img = self.image_prompt = None
-        self.schedulers.clear()
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+def check_options(options: LoadOptions) -> None:
+    """Options that need an accelerator, or that cannot go together, fail before anything loads."""
+    if options.offload not in OFFLOAD:
+        raise BatchError(f"--offload {options.offload}: use {', '.join(OFFLOAD)}")
+    if options.offload != "none" and not options.device.startswith("cuda"):
+        raise BatchError(f"--offload {options.offload} moves weights between CPU and GPU memory: it needs a CUDA device "
+                         f"(the device is {options.device})")
 
 
 def quiet_libraries() -> None:
@@ -116,53 +127,302 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def load_family(model: str, device: str, dtype: str, need_image_encoder: bool = False) -> PipelineFamily:
+def _torch_dtype(dtype: str):
+    import torch
+
+    return getattr(torch, DTYPES[dtype])
+
+
+@dataclass
+class PipelineFamily:
+    """One model's loaded modules, the pipeline views that share them, and what is switched on them."""
+
+    model: str
+    options: LoadOptions
+    txt2img: object
+    img2img: object
+    image_prompt: object
+    load_s: float
+    schedulers: dict = field(default_factory=dict)
+    loras: dict = field(default_factory=dict)  # reference -> adapter name, loaded once per run
+    active_lora: tuple | None = None  # (reference, scale) now applied
+    ip_adapter: dict | None = None  # the adapter's state dict, kept to re-attach without disk I/O
+    ip_attached: bool = False
+    clip_vision: tuple | None = None  # (encoder, processor) for clip_embed rows
+
+    @property
+    def device(self) -> str:
+        return self.options.device
+
+    @property
+    def dtype(self) -> str:
+        return self.options.dtype
+
+    def view(self, mode: str):
+        return {"txt2img": self.txt2img, "img2img": self.img2img, "image_prompt": self.image_prompt}[mode]
+
+    def views(self) -> list:
+        return [self.txt2img, self.img2img, self.image_prompt]
+
+    def use_scheduler(self, name: str) -> None:
+        """Switch every view to the named scheduler; built once per name, no weights touched."""
+        if name not in self.schedulers:
+            self.schedulers[name] = build_scheduler(name, self.txt2img.scheduler.config)
+        for pipe in self.views():
+            pipe.scheduler = self.schedulers[name]
+
+    def use_lora(self, reference: str | None, scale: float | None) -> bool:
+        """Apply one LoRA at a scale (None: none); each file is loaded once. Returns whether it changed."""
+        wanted = (reference, scale) if reference else None
+        if wanted == self.active_lora:
+            return False
+        pipe = self.txt2img
+        if reference is None:
+            pipe.disable_lora()
+        else:
+            if reference not in self.loras:
+                name = "lora_" + hashlib.sha1(reference.encode()).hexdigest()[:10]
+                started = time.perf_counter()
+                try:
+                    pipe.load_lora_weights(reference, adapter_name=name, local_files_only=_offline())
+                except (OSError, ValueError, KeyError) as e:
+                    raise ModelError(f"cannot load LoRA '{reference}': {str(e).splitlines()[0]}") from None
+                log.info("loaded LoRA %s in %.2fs", reference, time.perf_counter() - started)
+                self.loras[reference] = name
+            pipe.enable_lora()
+            pipe.set_adapters([self.loras[reference]], adapter_weights=[scale])
+        self.active_lora = wanted
+        return True
+
+    def use_ip_adapter(self, on: bool, scale: float | None = None) -> None:
+        """Attach the IP-Adapter to the shared UNet for ip_adapter batches, detach it for the rest.
+
+        A UNet with an IP-Adapter attached requires image embeddings on every call, so
+        plain rows need it detached; re-attaching comes from the state dict in memory.
+        """
+        pipe = self.image_prompt
+        if on and not self.ip_attached:
+            if self.ip_adapter is None:
+                self.ip_adapter = _load_ip_adapter_weights(self)
+            if self.options.attention_slicing:
+                raise BatchError("--attention-slicing cannot serve ip_adapter rows (sliced attention drops the "
+                                 "IP-Adapter's processors); run them without it")
+            pipe.load_ip_adapter(self.ip_adapter, subfolder="", weight_name="", image_encoder_folder=None)
+            self.ip_attached = True
+        elif not on and self.ip_attached:
+            pipe.unload_ip_adapter()
+            self.ip_attached = False
+        if on:
+            pipe.set_ip_adapter_scale(scale)
+
+    def clip_vision_encoder(self):
+        """(encoder, processor) for clip_embed rows: the model's own, else CLIP ViT-L/14's."""
+        if self.clip_vision is None:
+            pipe = self.txt2img
+            if pipe.image_encoder is not None and pipe.feature_extractor is not None:
+                self.clip_vision = (pipe.image_encoder, pipe.feature_extractor)
+            else:
+                self.clip_vision = _load_clip_vision(pipe, self.options)
+        return self.clip_vision
+
+    def unload(self) -> int | None:
+        """Drop the modules so the next model has the memory; returns the bytes freed (CUDA) if known."""
+        import torch
+
+        cuda = self.device.startswith("cuda")
+        before = torch.cuda.memory_allocated() if cuda else None
+        self.txt2img = self.img2img = self.image_prompt = None
+        self.schedulers.clear()
+        self.ip_adapter = self.clip_vision = None
+        gc.collect()
+        if not cuda:
+            return None
+        torch.cuda.empty_cache()
+        return before - torch.cuda.memory_allocated()
+
+
+def load_family(model: str, options: LoadOptions) -> PipelineFamily:
     """Load the model's modules once and build the txt2img, img2img and image-prompt views."""
     import torch
 
     quiet_libraries()
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 
+    check_options(options)
     source = resolve_model(model)
-    torch_dtype = getattr(torch, DTYPES[dtype])
     started = time.perf_counter()
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False,
-            local_files_only=_offline(),
-        )
-    except (OSError, ValueError) as e:
-        hint = " (offline: HF_HUB_OFFLINE is set and it is not in the cache)" if _offline() else ""
-        raise ModelError(f"cannot load model '{model}'{hint}: {str(e).splitlines()[0]}") from None
-    if need_image_encoder and pipe.image_encoder is None:
-        _attach_clip_vision(pipe, torch_dtype)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _load_pipeline(source, options)
+    _place(pipe, options)
     family = PipelineFamily(
-        model=model, device=device, dtype=dtype, txt2img=pipe,
+        model=model, options=options, txt2img=pipe,
         img2img=StableDiffusionImg2ImgPipeline.from_pipe(pipe),
         image_prompt=StableDiffusionPipeline.from_pipe(pipe),
         load_s=0.0,
     )
     for view in family.views():
         view.set_progress_bar_config(disable=True)
-    if device.startswith("cuda"):
+    if options.device.startswith("cuda"):
         torch.cuda.synchronize()
     family.load_s = time.perf_counter() - started
-    log.info("loaded %s on %s (%s) in %.1fs", model, device, dtype, family.load_s)
+    log.info("loaded %s (%s) on %s, %s, in %.1fs", model, source.kind, options.device, options.dtype, family.load_s)
     return family
 
 
-def _attach_clip_vision(pipe, torch_dtype) -> None:
+def _load_pipeline(source: ModelSource, options: LoadOptions):
+    from diffusers import StableDiffusionPipeline
+
+    dtype = _torch_dtype(options.dtype)
+    checker = {} if options.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        if source.kind == "sd15_random":
+            return build_random_sd15(options.device, dtype)
+        if source.kind == "single_file":
+            config = single_file_config(Path(source.location))
+            return StableDiffusionPipeline.from_single_file(
+                source.location, config=str(config), local_files_only=True, dtype=dtype, **checker)
+        return StableDiffusionPipeline.from_pretrained(source.location, dtype=dtype, local_files_only=_offline(), **checker)
+    except (OSError, ValueError) as e:
+        hint = " (HF_HUB_OFFLINE is set and it is not in the Hugging Face cache)" if _offline() and source.kind == "hub" else ""
+        raise ModelError(f"cannot load model '{source.name}'{hint}: {str(e).splitlines()[0]}") from None
+
+
+def _place(pipe, options: LoadOptions) -> None:
+    """Device placement and the memory switches, applied to the shared modules."""
+    if options.offload == "model":
+        pipe.enable_model_cpu_offload(device=options.device)
+    elif options.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=options.device)
+    else:
+        pipe.to(options.device)
+    if options.attention_slicing:
+        pipe.enable_attention_slicing()
+    if options.vae_slicing:
+        pipe.vae.enable_slicing()
+    if options.vae_tiling:
+        pipe.vae.enable_tiling()
+
+
+def single_file_config(path: Path) -> Path:
+    """The shipped config folder that matches a single-file checkpoint (SD 1.x, or the tiny model)."""
+    width = _conv_in_channels(path)
+    if width == 320:
+        return SD15_CONFIGS
+    tiny = MODELS_DIR / "tiny"
+    if width is not None and width == _tiny_conv_in_channels(tiny):
+        return tiny
+    if width is None:
+        return SD15_CONFIGS  # .ckpt: reading it means unpickling; assume SD 1.x
+    raise ModelError(f"{path}: UNet width {width} matches no shipped config (SD 1.x single files have 320)")
+
+
+def _conv_in_channels(path: Path) -> int | None:
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for key in ("model.diffusion_model.input_blocks.0.0.weight", "conv_in.weight"):
+            if key in f.keys():
+                return f.get_slice(key).get_shape()[0]
+    raise ModelError(f"{path}: not a Stable Diffusion checkpoint (no UNet input convolution found)")
+
+
+def _tiny_conv_in_channels(folder: Path) -> int | None:
+    import json
+
+    config = folder / "unet" / "config.json"
+    return json.loads(config.read_text())["block_out_channels"][0] if config.exists() else None
+
+
+def build_random_sd15(device: str, dtype):
+    """The full SD 1.5 architecture from shipped configs with seeded random weights (benchmarks)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise in place: on a GPU this takes a second instead of a minute
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIGS / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIGS / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIGS / "text_encoder"))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(SD15_CONFIGS / "tokenizer"),
+        unet=unet, scheduler=PNDMScheduler.from_pretrained(SD15_CONFIGS / "scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    return pipe.to(dtype=dtype)
+
+
+def ip_adapter_location(family_model: str, override: str | None) -> tuple[str, str, str]:
+    """(repo or folder, subfolder, weight name) for load_ip_adapter."""
+    reference = override or (str(TINY_IP_ADAPTER) if family_model == "tiny" else SD15_IP_ADAPTER)
+    path = Path(reference).expanduser()
+    if path.is_file():
+        return str(path.parent), "", path.name
+    if path.is_dir():
+        weights = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+        if len(weights) != 1:
+            raise ModelError(f"{path}: expected one IP-Adapter weight file (.safetensors or .bin), found {len(weights)}")
+        return str(path), "", weights[0]
+    parts = reference.split("/")
+    if len(parts) >= 3:  # org/repo/sub/folder/weights.safetensors
+        return "/".join(parts[:2]), "/".join(parts[2:-1]), parts[-1]
+    raise ModelError(f"IP-Adapter '{reference}': give a weight file, a folder with one, or 'org/repo/subfolder/file'")
+
+
+def _load_ip_adapter_weights(family: PipelineFamily) -> dict:
+    """Load the IP-Adapter once through diffusers (which also brings its image encoder if the
+    model has none), keep its state dict for later re-attachments."""
+    repo, subfolder, weight = ip_adapter_location(family.model, family.options.ip_adapter)
+    pipe = family.image_prompt
+    try:
+        from diffusers.models.modeling_utils import load_state_dict
+        from huggingface_hub import hf_hub_download
+
+        if Path(repo).is_dir():
+            file = Path(repo) / subfolder / weight
+        else:
+            file = hf_hub_download(repo, weight, subfolder=subfolder or None, local_files_only=_offline())
+        flat = load_state_dict(str(file))
+        if pipe.image_encoder is None:
+            _attach_ip_image_encoder(family, repo, subfolder)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load IP-Adapter {repo}/{subfolder}/{weight}: {str(e).splitlines()[0]}") from None
+    if "image_proj" in flat:  # .bin files hold the nested layout already
+        return flat
+    nested = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in flat.items():
+        head, _, rest = key.partition(".")
+        if head in nested:
+            nested[head][rest] = value
+    return nested
+
+
+def _attach_ip_image_encoder(family: PipelineFamily, repo: str, subfolder: str) -> None:
+    """The adapter's own CLIP image encoder (SD 1.5 has none), registered on the image-prompt view."""
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    folder = "/".join(p for p in (subfolder, "image_encoder") if p)
+    kwargs = {"local_files_only": _offline()}
+    if Path(repo).is_dir():
+        encoder = CLIPVisionModelWithProjection.from_pretrained(Path(repo) / folder, dtype=_torch_dtype(family.dtype))
+    else:
+        encoder = CLIPVisionModelWithProjection.from_pretrained(repo, subfolder=folder, dtype=_torch_dtype(family.dtype), **kwargs)
+    pipe = family.image_prompt
+    pipe.register_modules(image_encoder=encoder.to(family.device), feature_extractor=CLIPImageProcessor())
+
+
+def _load_clip_vision(pipe, options: LoadOptions):
     """Models without an image encoder (SD 1.5) get CLIP ViT-L/14's for clip_embed rows."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     try:
-        encoder = CLIPVisionModelWithProjection.from_pretrained(CLIP_VISION, dtype=torch_dtype, local_files_only=_offline())
+        encoder = CLIPVisionModelWithProjection.from_pretrained(
+            CLIP_VISION, dtype=_torch_dtype(options.dtype), local_files_only=_offline())
         processor = CLIPImageProcessor.from_pretrained(CLIP_VISION, local_files_only=_offline())
     except OSError as e:
         raise ModelError(f"clip_embed rows need an image encoder; cannot load {CLIP_VISION}: {str(e).splitlines()[0]}") from None
     width = pipe.unet.config.cross_attention_dim
     if encoder.config.projection_dim != width:
         raise ModelError(f"{CLIP_VISION} projects to {encoder.config.projection_dim}, but the UNet expects {width}")
-    pipe.register_modules(image_encoder=encoder, feature_extractor=processor)
+    return encoder.to(options.device), processor

@@ -65,7 +65,7 @@ def auto_batch_size(device: str, width: int, height: int) -> int:
     return max(1, min(16, (8 * 512 * 512) // pixels))
 
 
-def make_plan(tasks: list[ImageTask], model: str, batch_size: int | None, device: str = "cpu") -> Plan:
+def make_plan(tasks: list[ImageTask], default_model: str, batch_size: int | None, device: str = "cpu") -> Plan:
     """Group by model, LoRA, (mode, width, height), then by batch key; keep first-seen order.
 
     Each image has its own seeded generator, so where it lands does not change its pixels.
@@ -73,7 +73,7 @@ def make_plan(tasks: list[ImageTask], model: str, batch_size: int | None, device
     groups: dict[tuple, dict[tuple, list[ImageTask]]] = {}
     for task in tasks:
         job = task.job
-        group_key = (model, job.lora, job.mode, job.width, job.height)
+        group_key = (job.model or default_model, job.lora, job.mode, job.width, job.height)
         groups.setdefault(group_key, {}).setdefault(job.batch_key(), []).append(task)
     # All groups of one model must be adjacent so it is loaded once.
     model_rank = {m: i for i, m in enumerate(dict.fromkeys(key[0] for key in groups))}

@@ -18,7 +18,7 @@ from .config import RunConfig
 from .generate import Conditioner, generate_batch, warm_up
 from .job import ImageTask
 from .manifest import Manifest, load_manifest
-from .models import load_family, resolve_device, resolve_dtype, resolve_model
+from .models import LoadOptions, check_options, load_family, resolve_device, resolve_dtype, resolve_model
 from .plan import Batch, Group, Plan, make_plan
 from .progress import Progress
 from .report import write_reports
@@ -68,6 +68,7 @@ class GroupTally:
     per_image_s: list[float] = field(default_factory=list)
     failed: int = 0
     peak_vram_bytes: int | None = None
+    freed_before_bytes: int | None = None  # GPU memory freed by unloading the previous model
     stages: Stages = field(default_factory=Stages)
 
     def as_dict(self) -> dict:
@@ -81,6 +82,7 @@ class GroupTally:
             "s_per_image_p50": round(_percentile(times, 50), 4) if times else None,
             "s_per_image_p95": round(_percentile(times, 95), 4) if times else None,
             "peak_vram_bytes": self.peak_vram_bytes,
+            "freed_before_bytes": self.freed_before_bytes,
             "stages": {k: round(v, 4) for k, v in vars(self.stages).items()},
         }
 
@@ -106,12 +108,16 @@ def run(config: RunConfig) -> RunResult:
     """The whole `run` command: nothing loads until every row is valid."""
     # 1. Read and validate every row; resolve what the run needs
     started = time.perf_counter()
-    manifest = load_manifest(config.manifest, config.defaults, config.seed, config.skip_invalid)
+    defaults = dataclasses.replace(config.defaults, model=config.model)
+    manifest = load_manifest(config.manifest, defaults, config.seed, config.skip_invalid)
     jobs = manifest.jobs[: config.limit] if config.limit else manifest.jobs
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    resolve_model(config.model)  # a bad model name fails before the output folder is touched
-    salt = f"|model={config.model}|dtype={dtype}"
+    options = load_options(config, device, dtype)
+    check_options(options)
+    for model in dict.fromkeys(job.model for job in jobs):
+        resolve_model(model)  # a bad model name fails before the output folder is touched
+    salt = f"|dtype={dtype}"
     tasks = [task for job in jobs for task in job.images(salt)]
 
     # 2. Output folder and checkpoint: drop what is already done
@@ -137,7 +143,7 @@ def run(config: RunConfig) -> RunResult:
                  len(jobs), len(tasks), plan.images, plan.batches, synced.skipped, synced.failed_kept)
 
         # 3. Generate, writing as we go
-        tallies, interrupted = execute(plan, config, device, dtype, out, checkpoint)
+        tallies, interrupted = execute(plan, config, options, out, checkpoint)
 
         # 4. Folder-level outputs, rebuilt from the checkpoint
         generated = sum(len(t.per_image_s) for t in tallies)
@@ -174,26 +180,35 @@ def finish_outputs(out: Path, checkpoint: Checkpoint) -> None:
     write_reports(out, checkpoint)
 
 
-def execute(plan: Plan, config: RunConfig, device: str, dtype: str, out: Path, checkpoint: Checkpoint):
+def load_options(config: RunConfig, device: str, dtype: str) -> LoadOptions:
+    return LoadOptions(
+        device=device, dtype=dtype, offload=config.offload, attention_slicing=config.attention_slicing,
+        vae_slicing=config.vae_slicing, vae_tiling=config.vae_tiling, safety_checker=config.safety_checker,
+        ip_adapter=config.ip_adapter)
+
+
+def execute(plan: Plan, config: RunConfig, options: LoadOptions, out: Path, checkpoint: Checkpoint):
     """Generate every batch of the plan; returns per-group tallies and whether it was interrupted."""
     writer = ImageWriter(out / "images", config.format, config.model, config.writer_threads)
     tallies: list[GroupTally] = []
-    need_image_encoder = any(t.job.image_prompt_method == "clip_embed" for g in plan.groups for b in g.batches for t in b.tasks)
     interrupted = False
+    freed = None
     with Progress(plan.images, quiet=config.quiet) as progress:
         try:
             for model in plan.models():
-                family = load_family(model, device, dtype, need_image_encoder)
+                family = load_family(model, options)
                 conditioner = Conditioner(family)
                 load_s = family.load_s
                 for group in (g for g in plan.groups if g.model == model):
-                    tally = GroupTally(group, load_s=load_s)
-                    load_s = 0.0  # the load is charged to the model's first group
+                    tally = GroupTally(group, load_s=load_s, freed_before_bytes=freed)
+                    load_s, freed = 0.0, None  # the load is charged to the model's first group
                     tallies.append(tally)
                     progress.set_group(group.name)
-                    _run_group(group, tally, family, conditioner, config, device, writer, checkpoint, progress)
+                    _run_group(group, tally, family, conditioner, config, options.device, writer, checkpoint, progress)
                     checkpoint.save_group(len(tallies) - 1, tally.as_dict())
-                family.unload()
+                freed = family.unload()
+                if freed is not None:
+                    log.info("freed %.2f GB of GPU memory held by %s", freed / 2**30, model)
         except KeyboardInterrupt:
             interrupted = True
             log.warning("interrupted: finishing the images already made, then stopping")
@@ -217,8 +232,8 @@ def _run_group(group: Group, tally: GroupTally, family, conditioner, config: Run
     try:
         for batch in group.batches:
             made, failures = _make(batch, family, conditioner, tally)
-            for task, image, seconds in made:
-                writer.submit(task, image, context=(group.name, batch.index, seconds))
+            for task, image, seconds, notes in made:
+                writer.submit(task, image, context=(group.name, batch.index, seconds), notes=notes)
             checkpoint.commit([Outcome(task, ok=False, error=error, group=group.name, batch=batch.index)
                                for task, error in failures])
             tally.failed += len(failures)
@@ -234,7 +249,7 @@ def _run_group(group: Group, tally: GroupTally, family, conditioner, config: Run
 def _make(batch: Batch, family, conditioner, tally: GroupTally):
     """Generate a batch; a failing batch is retried in halves down to single images.
 
-    Returns ([(task, image, seconds)], [(task, error)]).
+    Returns ([(task, image, seconds, notes)], [(task, error)]).
     """
     try:
         output = generate_batch(family, conditioner, batch)
@@ -257,7 +272,9 @@ def _make(batch: Batch, family, conditioner, tally: GroupTally):
     tally.stages.denoise_s += output.denoise_s
     tally.stages.decode_s += output.decode_s
     share = output.seconds / len(batch.tasks)
-    return [(task, image, share) for task, image in zip(batch.tasks, output.images)], []
+    made = [(task, image, share, output.notes.get(i)) for i, (task, image) in enumerate(zip(batch.tasks, output.images))
+            if i not in output.errors]
+    return made, [(batch.tasks[i], error) for i, error in output.errors.items()]
 
 
 def _free_cuda(device: str) -> None:

@@ -158,21 +158,22 @@ class ImageWriter:
         self.pending: list[Future] = []
         self.done: list[Future] = []
 
-    def submit(self, task: ImageTask, image, context=None) -> None:
+    def submit(self, task: ImageTask, image, context=None, notes: dict | None = None) -> None:
         if len(self.pending) >= self.max_pending:
             wait(self.pending, return_when=FIRST_COMPLETED)
             self.done += [f for f in self.pending if f.done()]
             self.pending = [f for f in self.pending if not f.done()]
-        self.pending.append(self.pool.submit(self._write, task, image, context))
+        self.pending.append(self.pool.submit(self._write, task, image, context, notes))
 
-    def _write(self, task: ImageTask, image, context) -> Written:
+    def _write(self, task: ImageTask, image, context, notes: dict | None) -> Written:
         started = time.perf_counter()
         name = f"{task.stem}.{self.fmt}"
         try:
-            save_image(image, self.folder / name, self.fmt, infotext(task, self.model))
+            save_image(image, self.folder / name, self.fmt, infotext(task, task.job.model or self.model))
         except OSError as e:
             return Written(task, None, None, f"write failed: {e}", time.perf_counter() - started, context)
-        meta = image_metadata(task, self.model, name)
+        meta = image_metadata(task, task.job.model or self.model, name)
+        meta.update(notes or {})
         return Written(task, name, meta, None, time.perf_counter() - started, context)
 
     def finished(self, block: bool = False) -> list[Written]:

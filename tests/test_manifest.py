@@ -209,9 +209,9 @@ def test_every_error_reported_at_once_with_line_and_column(images_dir):
         {"id": "a_b", "prompt": "x"},                                                        # 21
         {"id": "x", "prompt": "x", "num_images": 2},                                         # 22
         {"id": "x-1", "prompt": "x"},                                                        # 23
-        {"id": "r24", "prompt": "x", "lora": "some/lora"},                                   # 24
-        {"id": "r25", "prompt": "x", "model": "some/model"},                                 # 25
-        {"id": "r26", "prompt_image": "prompt.png"},                                         # 26
+        {"id": "r24", "prompt": "x", "lora": "loras/missing.safetensors"},                   # 24
+        {"id": "r25", "prompt": "x", "model": "./no-such-model"},                            # 25
+        {"id": "r26", "prompt": "x", "lora_scale": 0.5},                                     # 26
         {"id": "r27", "prompt": "x", "seed": -1},                                            # 27
         {"id": "r28", "prompt": "x", "num_images": 0},                                       # 28
         {"id": "..", "prompt": "x"},                                                         # 29
@@ -229,7 +229,7 @@ def test_every_error_reported_at_once_with_line_and_column(images_dir):
         (13, "init_image"), (14, "init_image"), (15, "init_image"),
         (16, "prompt_image"), (17, "prompt_image"), (18, "prompt_image"),
         (19, "id"), (21, "id"), (23, "id"),
-        (24, "lora"), (25, "model"), (26, "image_prompt_method"),
+        (24, "lora"), (25, "model"), (26, "lora_scale"),
         (27, "seed"), (28, "num_images"), (29, "id"), (30, "init_image"),
     }
     assert where(errors) == expected
@@ -248,8 +248,9 @@ def test_every_error_reported_at_once_with_line_and_column(images_dir):
     assert "line 1" in by_place[19, "id"].allowed
     assert "a/b" in by_place[21, "id"].allowed and "line 20" in by_place[21, "id"].allowed
     assert "x-1" in by_place[23, "id"].allowed
-    for place in ((24, "lora"), (25, "model"), (26, "image_prompt_method")):
-        assert "not supported yet" in by_place[place].allowed
+    for place in ((24, "lora"), (25, "model")):
+        assert "not found" in by_place[place].allowed
+    assert "needs a lora" in by_place[26, "lora_scale"].allowed
     assert all(e.line == 1 or str(e).startswith(f"line {e.line}, column '{e.column}'") for e in errors)
 
 

@@ -6,9 +6,9 @@ import pytest
 
 @pytest.fixture(scope="module")
 def family():
-    from batch.models import load_family
+    from batch.models import LoadOptions, load_family
 
-    return load_family("tiny", "cpu", "fp32", need_image_encoder=True)
+    return load_family("tiny", LoadOptions(device="cpu", dtype="fp32"))
 
 
 def _storages(module) -> dict[int, int]:
