@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -34,12 +35,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _manifest_options() -> argparse.ArgumentParser:
-    """Options shared by `run` and `validate` (they change the plan)."""
+def _plan_options() -> argparse.ArgumentParser:
+    """Options shared by `run` and `validate` (they change the plan or the estimate)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("manifest", type=Path, help="CSV or JSONL manifest (.csv, .jsonl, .jsonl.gz)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, diffusers folder, or 'tiny' (embedded) [{DEFAULT_MODEL}]")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"hub id, diffusers folder, single-file .safetensors/.ckpt, 'tiny' (embedded) or 'sd15-random' [{DEFAULT_MODEL}]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"], help="[auto: fp16 on CUDA, fp32 on CPU]")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="images per UNet call [auto: 4 on CPU, by resolution on CUDA]")
     p.add_argument("--steps", type=_positive_int, default=Defaults.steps, help=f"denoising steps [{Defaults.steps}]")
     p.add_argument("--cfg", type=float, default=Defaults.cfg, help=f"classifier-free guidance scale [{Defaults.cfg}]")
@@ -49,7 +51,24 @@ def _manifest_options() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="run seed; rows without a seed derive theirs from (seed, id) [0]")
     p.add_argument("--skip-invalid", action="store_true", help="run the valid rows, record invalid ones as failed")
     p.add_argument("--limit", type=_positive_int, default=None, help="only the first N jobs (rows)")
+    memory = p.add_argument_group("memory (small GPUs; see README)")
+    memory.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
+                        help="model: components take turns on the GPU; sequential: layer by layer, slowest [none]")
+    memory.add_argument("--attention-slicing", action="store_true", help="compute attention in slices")
+    memory.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
+    memory.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
     return p
+
+
+def _single_job_options(p: argparse.ArgumentParser) -> None:
+    job = p.add_argument_group("single job (no manifest): sdbatch --prompt \"a red fox\" --num 2")
+    job.add_argument("--prompt", help="run one row with this prompt instead of a manifest")
+    job.add_argument("--negative-prompt", default=None)
+    job.add_argument("--num", type=_positive_int, default=1, help="images of that row [1]")
+    job.add_argument("--init-image", type=Path, help="img2img: the source image")
+    job.add_argument("--strength", type=float, default=None, help=f"img2img strength [{Defaults.strength}]")
+    job.add_argument("--prompt-image", type=Path, help="image_prompt: the image used as the prompt")
+    job.add_argument("--image-prompt-method", choices=["ip_adapter", "clip_embed"], default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,20 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"sdbatch {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    shared = _manifest_options()
+    shared = _plan_options()
 
     run = commands.add_parser("run", parents=[shared], help="validate, then generate with checkpointing",
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("manifest", type=Path, nargs="?", help="CSV or JSONL manifest (.csv, .jsonl, .jsonl.gz)")
     run.add_argument("--out", type=Path, default=None, help="output folder [outputs/<manifest stem>]")
-    run.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"], help="[auto: fp16 on CUDA, fp32 on CPU]")
     run.add_argument("--format", default="png", choices=["png", "webp", "jpg"], help="[png]")
     run.add_argument("--retry-failed", action="store_true", help="retry images that failed in an earlier run")
     run.add_argument("--fresh", action="store_true", help="ignore the checkpoint: make every image again")
     run.add_argument("--compile", action="store_true", help="torch.compile the UNet (warm-up reported apart)")
     run.add_argument("--quiet", action="store_true", help="no progress bar: a plain line every 10 s")
+    run.add_argument("--safety-checker", action="store_true", help="run the model's safety checker, where it has one")
+    run.add_argument("--ip-adapter", default=None,
+                     help="IP-Adapter weights: file, folder, or org/repo/subfolder/file "
+                          "[tiny: models/tiny-ip-adapter; else h94/IP-Adapter/models/ip-adapter_sd15.safetensors]")
+    _single_job_options(run)
 
     validate = commands.add_parser("validate", parents=[shared], help="check every row and print the plan; loads no model")
+    validate.add_argument("manifest", type=Path, help="CSV or JSONL manifest (.csv, .jsonl, .jsonl.gz)")
     validate.add_argument("--json", action="store_true", help="print the plan as JSON")
+    validate.add_argument("--estimate-vram", action="store_true", help="add a per-group VRAM estimate (GB)")
 
     status = commands.add_parser("status", help="progress of an output folder, from its checkpoint")
     status.add_argument("out", type=Path)
@@ -120,14 +146,46 @@ def _setup_logging(quiet: bool) -> None:
     root.propagate = False
 
 
+def _single_job_manifest(args) -> Path:
+    """`--prompt ...` without a manifest: write the one-row manifest into the output folder."""
+    import hashlib
+
+    row: dict = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "num_images": args.num,
+                 "seed": args.seed, "image_prompt_method": args.image_prompt_method}
+    if args.init_image:
+        row.update(init_image=str(args.init_image.resolve()), strength=args.strength)
+    elif args.strength is not None:
+        raise BatchError("--strength is for img2img: give --init-image too")
+    if args.prompt_image:
+        row["prompt_image"] = str(args.prompt_image.resolve())
+    row = {k: v for k, v in row.items() if v is not None}
+    text = args.prompt or (args.prompt_image.name if args.prompt_image else "")
+    slug = "-".join(re.findall(r"[a-z0-9]+", text.lower()))[:40].strip("-") or "image"
+    row["id"] = f"{slug}-{hashlib.sha1(json.dumps(row, sort_keys=True).encode()).hexdigest()[:6]}"
+    out = args.out or Path("outputs") / "single"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "single-job.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    args.out = out
+    return path
+
+
 def cmd_run(args) -> int:
     from .runner import run
 
+    single = args.prompt is not None or args.prompt_image is not None or args.init_image is not None
+    if single and args.manifest:
+        raise BatchError("give a manifest or --prompt/--prompt-image, not both")
+    if not single and not args.manifest:
+        raise BatchError("nothing to run: give a manifest (sdbatch run prompts.csv) or --prompt \"...\"")
+    manifest = _single_job_manifest(args) if single else args.manifest
     config = RunConfig(
-        manifest=args.manifest, out=args.out or _default_out(args.manifest), model=args.model, device=args.device,
+        manifest=manifest, out=args.out or _default_out(manifest), model=args.model, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, seed=args.seed, format=args.format,
         skip_invalid=args.skip_invalid, retry_failed=args.retry_failed, fresh=args.fresh, limit=args.limit,
-        quiet=args.quiet, compile=args.compile, defaults=_defaults(args))
+        quiet=args.quiet, compile=args.compile, defaults=_defaults(args),
+        offload=args.offload, attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
+        vae_tiling=args.vae_tiling, safety_checker=args.safety_checker, ip_adapter=args.ip_adapter)
     result = run(config)
     c = result.counts
     print(f"{c.done}/{c.total} images done ({result.generated} made now, {result.skipped} from checkpoint), "
@@ -139,31 +197,58 @@ def cmd_run(args) -> int:
     return result.exit_code
 
 
+def _gb(value: int) -> str:
+    return f"{value / 2**30:.2f}"
+
+
 def cmd_validate(args) -> int:
     from .manifest import load_manifest
+    from .models import LoadOptions, check_options, resolve_device, resolve_dtype
     from .plan import make_plan
 
     manifest = load_manifest(args.manifest, _defaults(args), args.seed, args.skip_invalid)
     jobs = manifest.jobs[: args.limit] if args.limit else manifest.jobs
-    from .models import resolve_device
-
     device = resolve_device(args.device)  # the plan's batch sizes depend on it, as in `run`
     tasks = [t for job in jobs for t in job.images("")]
     plan = make_plan(tasks, args.model, args.batch_size, device)
+    estimates = {}
+    if args.estimate_vram:
+        from .estimate import group_estimate
+
+        options = LoadOptions(device=device, dtype=resolve_dtype(args.dtype, device), offload=args.offload,
+                              attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
+                              vae_tiling=args.vae_tiling)
+        if device.startswith("cuda"):
+            check_options(options)
+        estimates = {i: group_estimate(g, options) for i, g in enumerate(plan.groups)}
+    groups = []
+    for i, g in enumerate(plan.groups):
+        entry = {"model": g.model, "mode": g.mode, "width": g.width, "height": g.height, "lora": g.lora,
+                 "batches": len(g.batches), "images": g.images}
+        if i in estimates:
+            e = estimates[i]
+            entry.update(vram_estimate_bytes=e.total_bytes, weights_bytes=e.weights_bytes,
+                         unet_activations_bytes=e.unet_bytes, vae_activations_bytes=e.vae_bytes)
+        groups.append(entry)
     if args.json:
         print(json.dumps({"valid": True, "jobs": len(jobs), "images": plan.images, "batches": plan.batches,
-                          "invalid_rows": len(manifest.invalid), "groups": [
-                              {"model": g.model, "mode": g.mode, "width": g.width, "height": g.height, "lora": g.lora,
-                               "batches": len(g.batches), "images": g.images} for g in plan.groups]}))
+                          "invalid_rows": len(manifest.invalid), "groups": groups}))
         return 0
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{manifest.path}: {len(jobs)} jobs, {plan.images} images, {plan.batches} batches")
-    for column in ("group", "model", "mode", "size", "lora", "batches", "images"):
-        table.add_column(column, justify="right" if column in ("group", "batches", "images") else "left")
-    for i, g in enumerate(plan.groups, start=1):
-        table.add_row(str(i), g.model, g.mode, f"{g.width}x{g.height}", g.lora or "-", str(len(g.batches)), str(g.images))
+    columns = ["group", "model", "mode", "size", "lora", "batches", "images"]
+    if estimates:
+        columns += ["weights GB", "UNet act. GB", "VAE act. GB", "VRAM est. GB"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("model", "mode", "size", "lora") else "right")
+    for i, g in enumerate(groups, start=1):
+        row = [str(i), g["model"], g["mode"], f"{g['width']}x{g['height']}", g["lora"] or "-", str(g["batches"]), str(g["images"])]
+        if estimates:
+            row += [_gb(g["weights_bytes"]), _gb(g["unet_activations_bytes"]), _gb(g["vae_activations_bytes"]),
+                    _gb(g["vram_estimate_bytes"])]
+        table.add_row(*row)
     console = Console()
     console.print(table)
     if manifest.invalid:
@@ -208,8 +293,8 @@ def main(argv: list[str] | None = None) -> None:
 def run_cli(argv: list[str] | None = None) -> int:
     """Parse, dispatch and map errors to exit codes (returned, for tests)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
-        argv.insert(0, "run")  # `sdbatch MANIFEST` is `sdbatch run MANIFEST`
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
+        argv.insert(0, "run")  # `sdbatch MANIFEST` and `sdbatch --prompt ...` are `sdbatch run ...`
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

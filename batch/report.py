@@ -95,15 +95,15 @@ def markdown(report: dict) -> str:
         lines += [
             "## Groups",
             "",
-            "| model | mode | size | lora | images | batches | load s | warm-up s | wall s | images/s | s/image p50 | p95 | peak VRAM |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| model | mode | size | lora | images | batches | load s | warm-up s | wall s | images/s | s/image p50 | p95 | peak VRAM | VRAM estimate |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for g in groups:
             lines.append(
                 f"| {g['model']} | {g['mode']} | {g['width']}x{g['height']} | {g['lora'] or '-'} | {g['images']} | "
                 f"{g['batches']} | {_num(g['load_s'])} | {_num(g['warmup_s'])} | {_num(g['wall_s'])} | "
                 f"{_num(g['images_per_s'])} | {_num(g['s_per_image_p50'], 3)} | {_num(g['s_per_image_p95'], 3)} | "
-                f"{_gb(g['peak_vram_bytes'])} |")
+                f"{_gb(g['peak_vram_bytes'])} | {_gb(g.get('vram_estimate_bytes'))} |")
         lines += ["", "## Time per stage (seconds, summed)", "", "| " + " | ".join(STAGES) + " |",
                   "|" + "---|" * len(STAGES),
                   "| " + " | ".join(_num(report["stages"][s]) for s in STAGES) + " |", ""]

@@ -15,6 +15,7 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import FILE_NAME, Checkpoint, Counts, Outcome
 from .config import RunConfig
+from .estimate import group_estimate
 from .generate import Conditioner, generate_batch, warm_up
 from .job import ImageTask
 from .manifest import Manifest, load_manifest
@@ -69,6 +70,7 @@ class GroupTally:
     failed: int = 0
     peak_vram_bytes: int | None = None
     freed_before_bytes: int | None = None  # GPU memory freed by unloading the previous model
+    vram_estimate_bytes: int | None = None  # what `validate --estimate-vram` predicts, beside the measured peak
     stages: Stages = field(default_factory=Stages)
 
     def as_dict(self) -> dict:
@@ -82,6 +84,7 @@ class GroupTally:
             "s_per_image_p50": round(_percentile(times, 50), 4) if times else None,
             "s_per_image_p95": round(_percentile(times, 95), 4) if times else None,
             "peak_vram_bytes": self.peak_vram_bytes,
+            "vram_estimate_bytes": self.vram_estimate_bytes,
             "freed_before_bytes": self.freed_before_bytes,
             "stages": {k: round(v, 4) for k, v in vars(self.stages).items()},
         }
@@ -200,7 +203,8 @@ def execute(plan: Plan, config: RunConfig, options: LoadOptions, out: Path, chec
                 conditioner = Conditioner(family)
                 load_s = family.load_s
                 for group in (g for g in plan.groups if g.model == model):
-                    tally = GroupTally(group, load_s=load_s, freed_before_bytes=freed)
+                    tally = GroupTally(group, load_s=load_s, freed_before_bytes=freed,
+                                       vram_estimate_bytes=group_estimate(group, options).total_bytes)
                     load_s, freed = 0.0, None  # the load is charged to the model's first group
                     tallies.append(tally)
                     progress.set_group(group.name)
