@@ -147,6 +147,7 @@ class PipelineFamily:
     loras: dict = field(default_factory=dict)  # reference -> adapter name, loaded once per run
     active_lora: tuple | None = None  # (reference, scale) now applied
     ip_adapter: dict | None = None  # the adapter's state dict, kept to re-attach without disk I/O
+    ip_image_encoder: object = None  # unload_ip_adapter() drops it from the pipeline; we keep it
     ip_attached: bool = False
     clip_vision: tuple | None = None  # (encoder, processor) for clip_embed rows
 
@@ -202,11 +203,14 @@ class PipelineFamily:
         """
         pipe = self.image_prompt
         if on and not self.ip_attached:
-            if self.ip_adapter is None:
-                self.ip_adapter = _load_ip_adapter_weights(self)
             if self.options.attention_slicing:
                 raise BatchError("--attention-slicing cannot serve ip_adapter rows (sliced attention drops the "
                                  "IP-Adapter's processors); run them without it")
+            if self.ip_adapter is None:
+                self.ip_adapter = _load_ip_adapter_weights(self)
+                self.ip_image_encoder = pipe.image_encoder
+            elif pipe.image_encoder is None:
+                pipe.register_modules(image_encoder=self.ip_image_encoder)
             pipe.load_ip_adapter(self.ip_adapter, subfolder="", weight_name="", image_encoder_folder=None)
             self.ip_attached = True
         elif not on and self.ip_attached:
@@ -233,7 +237,7 @@ class PipelineFamily:
         before = torch.cuda.memory_allocated() if cuda else None
         self.txt2img = self.img2img = self.image_prompt = None
         self.schedulers.clear()
-        self.ip_adapter = self.clip_vision = None
+        self.ip_adapter = self.clip_vision = self.ip_image_encoder = None
         gc.collect()
         if not cuda:
             return None
@@ -256,7 +260,7 @@ def load_family(model: str, options: LoadOptions) -> PipelineFamily:
     family = PipelineFamily(
         model=model, options=options, txt2img=pipe,
         img2img=StableDiffusionImg2ImgPipeline.from_pipe(pipe),
-        image_prompt=StableDiffusionPipeline.from_pipe(pipe),
+        image_prompt=image_prompt_pipeline_class().from_pipe(pipe),
         load_s=0.0,
     )
     for view in family.views():
@@ -266,6 +270,26 @@ def load_family(model: str, options: LoadOptions) -> PipelineFamily:
     family.load_s = time.perf_counter() - started
     log.info("loaded %s (%s) on %s, %s, in %.1fs", model, source.kind, options.device, options.dtype, family.load_s)
     return family
+
+
+def image_prompt_pipeline_class():
+    """StableDiffusionPipeline whose precomputed IP-Adapter embeddings are taken per row.
+
+    diffusers repeats `ip_adapter_image_embeds` batch_size times (it assumes one image prompt
+    for the whole batch), which would mix the prompt images of a batch; here each row
+    brings its own embedding, laid out as the UNet wants it: [negatives; positives].
+    """
+    from diffusers import StableDiffusionPipeline
+
+    class ImagePromptPipeline(StableDiffusionPipeline):
+        def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device,
+                                            num_images_per_prompt, do_classifier_free_guidance):
+            if ip_adapter_image_embeds is None:
+                return super().prepare_ip_adapter_image_embeds(
+                    ip_adapter_image, None, device, num_images_per_prompt, do_classifier_free_guidance)
+            return [embeds.to(device) for embeds in ip_adapter_image_embeds]
+
+    return ImagePromptPipeline
 
 
 def _load_pipeline(source: ModelSource, options: LoadOptions):
@@ -278,8 +302,10 @@ def _load_pipeline(source: ModelSource, options: LoadOptions):
             return build_random_sd15(options.device, dtype)
         if source.kind == "single_file":
             config = single_file_config(Path(source.location))
+            # config= a shipped folder keeps from_single_file offline; image_encoder=None because
+            # checkpoints carry none (and the tiny config's would be looked for in the file).
             return StableDiffusionPipeline.from_single_file(
-                source.location, config=str(config), local_files_only=True, dtype=dtype, **checker)
+                source.location, config=str(config), local_files_only=True, dtype=dtype, image_encoder=None, **checker)
         return StableDiffusionPipeline.from_pretrained(source.location, dtype=dtype, local_files_only=_offline(), **checker)
     except (OSError, ValueError) as e:
         hint = " (HF_HUB_OFFLINE is set and it is not in the Hugging Face cache)" if _offline() and source.kind == "hub" else ""

@@ -8,7 +8,12 @@ seconds. Nothing is downloaded: the CLIP byte-level BPE tokenizer is built here
 from an embedded word list. Output is deterministic (same bytes on every run
 with the same library versions).
 
-Usage: python -m batch.tiny_model [OUT_DIR]   (default: <repo root>/models/tiny)
+It also writes `models/tiny-ip-adapter/ip-adapter_tiny.safetensors`, a seeded random
+IP-Adapter (original, non-plus layout) for the tiny UNet and image encoder; see
+`build_tiny_ip_adapter`.
+
+Usage: python -m batch.tiny_model [OUT_DIR]   (default: <repo root>/models/tiny;
+       the IP-Adapter goes to OUT_DIR's sibling folder `tiny-ip-adapter`)
 """
 from __future__ import annotations
 
@@ -24,6 +29,12 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO_ROOT / "models" / "tiny"
+IP_ADAPTER_DIR_NAME = "tiny-ip-adapter"  # next to the tiny model folder
+IP_ADAPTER_WEIGHT_NAME = "ip-adapter_tiny.safetensors"
+IP_ADAPTER_NUM_TOKENS = 4  # image tokens of the original IP-Adapter (ImageProjection)
+# Std of the random to_k_ip / to_v_ip weights: about twice the UNet's own attn2 to_k/to_v
+# (default nn.Linear init, ~0.1 for 32 inputs), so the image prompt visibly steers the output.
+IP_ADAPTER_KV_STD = 0.2
 
 SEED = 0
 CROSS_ATTENTION_DIM = 32  # text hidden size == image-encoder projection dim
@@ -345,6 +356,104 @@ def build_tiny_model(out_dir: Path) -> Path:
     return out_dir
 
 
+def _mean_image_embedding(model_dir: Path):
+    """Mean `image_embeds` of the tiny image encoder over fixed reference inputs (float64, rounded to 1e-3).
+
+    References: 8 solid colours and 8 seeded uniform-noise images, already at the encoder's
+    input size and CLIP-normalised (the feature extractor's job in the pipeline).
+    """
+    import torch
+    from transformers import CLIPVisionModelWithProjection
+
+    encoder = CLIPVisionModelWithProjection.from_pretrained(model_dir / "image_encoder").double().eval()
+    size = encoder.config.image_size
+    gen = torch.Generator().manual_seed(SEED)
+    colours = torch.tensor([[r, g, b] for r in (0.1, 0.9) for g in (0.1, 0.9) for b in (0.1, 0.9)], dtype=torch.float64)
+    pixels = torch.cat([
+        colours[:, :, None, None].expand(-1, -1, size, size),
+        torch.rand(8, 3, size, size, generator=gen, dtype=torch.float64),
+    ])
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], dtype=torch.float64)[None, :, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], dtype=torch.float64)[None, :, None, None]
+    with torch.no_grad():
+        embeds = encoder(pixel_values=(pixels - mean) / std).image_embeds
+    return torch.round(embeds.mean(dim=0) * 1000) / 1000
+
+
+def build_tiny_ip_adapter(model_dir: Path, out_dir: Path) -> Path:
+    """Write a seeded random IP-Adapter for the tiny model in `model_dir`; return the weight file.
+
+    `out_dir/ip-adapter_tiny.safetensors` has the layout of h94/IP-Adapter's original
+    `ip-adapter_sd15.safetensors` (not plus / full-face / FaceID), which diffusers'
+    `pipe.load_ip_adapter(out_dir, subfolder="", weight_name="ip-adapter_tiny.safetensors")`
+    reads:
+
+    * `image_proj.proj.{weight,bias}`, `image_proj.norm.{weight,bias}`: an `ImageProjection`
+      from the image encoder's `projection_dim` to `IP_ADAPTER_NUM_TOKENS` tokens of the
+      UNet's `cross_attention_dim` (diffusers sees `proj.weight` and builds that class,
+      with 4 tokens and cross_attention_dim = rows / 4);
+    * `ip_adapter.{k}.to_k_ip.weight` / `.to_v_ip.weight` (cross_attention_dim -> hidden size,
+      no bias) with k = 1, 3, 5, ... for the cross-attention (`attn2`) processors in the order
+      of `unet.attn_processors` (for UNet2DConditionModel: down blocks, then up blocks, then
+      the mid block), exactly as `UNet2DConditionLoadersMixin._convert_ip_adapter_attn_to_diffusers`
+      numbers them, with its hidden sizes (block_out_channels per block).
+
+    The projection is centred on the tiny image encoder (`model_dir/image_encoder`): its
+    bias cancels the mean image embedding of a fixed set of reference inputs, so the
+    image-dependent part of the embedding (small next to the common part for a random
+    encoder: cosine ~0.98 between unrelated images) decides the image tokens and different
+    image prompts give visibly different outputs. The mean is computed in float64 and
+    rounded, so the file is the same bytes on every run. No image encoder is written: the
+    tiny pipeline has its own.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    model_dir = Path(model_dir)
+    unet_config = UNet2DConditionModel.load_config(model_dir / "unet")
+    unet = UNet2DConditionModel.from_config(unet_config)  # random weights; only its processor names are used
+    cross_dim = unet.config.cross_attention_dim
+    blocks = list(unet.config.block_out_channels)
+    mean_embed = _mean_image_embedding(model_dir)  # float64, (projection_dim,)
+    image_dim = mean_embed.numel()
+
+    gen = torch.Generator().manual_seed(SEED)
+
+    def normal(*shape: int, std: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, dtype=torch.float32) * std).contiguous()
+
+    proj_weight = normal(IP_ADAPTER_NUM_TOKENS * cross_dim, image_dim, std=image_dim ** -0.5)
+    proj_bias = -(proj_weight.double() * mean_embed).sum(dim=1)  # W @ (e - mean): centred
+    tensors = {
+        "image_proj.proj.weight": proj_weight,
+        "image_proj.proj.bias": proj_bias.float().contiguous(),
+        "image_proj.norm.weight": 1.0 + normal(cross_dim, std=0.02),
+        "image_proj.norm.bias": normal(cross_dim, std=0.02),
+    }
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue  # self-attention: no IP weights, and no key id
+        if name.startswith("mid_block"):
+            hidden = blocks[-1]
+        elif name.startswith("up_blocks"):
+            hidden = list(reversed(blocks))[int(name.split(".")[1])]
+        else:
+            hidden = blocks[int(name.split(".")[1])]
+        tensors[f"ip_adapter.{key_id}.to_k_ip.weight"] = normal(hidden, cross_dim, std=IP_ADAPTER_KV_STD)
+        tensors[f"ip_adapter.{key_id}.to_v_ip.weight"] = normal(hidden, cross_dim, std=IP_ADAPTER_KV_STD)
+        key_id += 2
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / IP_ADAPTER_WEIGHT_NAME
+    save_file(dict(sorted(tensors.items())), str(path), metadata={"format": "pt"})
+    log.info("saved tiny IP-Adapter to %s (%d cross-attention layers, %.1f kB)",
+             path, (key_id - 1) // 2, path.stat().st_size / 1e3)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -356,7 +465,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    build_tiny_model(args.out_dir)
+    model_dir = build_tiny_model(args.out_dir)
+    build_tiny_ip_adapter(model_dir, model_dir.parent / IP_ADAPTER_DIR_NAME)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ def infotext(task: ImageTask, model: str) -> str:
         fields.append(f"Denoising strength: {job.strength:g}")
     if job.image_prompt_method:
         fields.append(f"Image prompt: {job.image_prompt_method}")
+    if job.ip_scale is not None:
+        fields.append(f"IP scale: {job.ip_scale:g}")
+    if job.lora:
+        fields.append(f"LoRA: {clean_text(Path(job.lora).stem).replace(',', ' ')}:{job.lora_scale:g}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
@@ -66,6 +70,10 @@ def image_metadata(task: ImageTask, model: str, file_name: str) -> dict:
         meta.update(strength=job.strength, init_image=job.init_image)
     if job.prompt_image is not None:
         meta.update(prompt_image=job.prompt_image, image_prompt_method=job.image_prompt_method)
+    if job.ip_scale is not None:
+        meta["ip_scale"] = job.ip_scale
+    if job.lora is not None:
+        meta.update(lora=job.lora, lora_scale=job.lora_scale)
     for column, value in job.extra:
         meta[column] = value
     return meta

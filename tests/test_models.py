@@ -183,3 +183,62 @@ def test_single_img2img_job(tmp_path, images_dir):
                *FAST, "--out", out, "--quiet") == 0
     (meta,) = read_metadata(out)
     assert meta["mode"] == "img2img" and meta["strength"] == 0.7
+
+
+def test_ip_adapter_rows_follow_the_prompt_image(tmp_path, images_dir, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    from conftest import make_image
+
+    make_image(images_dir / "green.png", (20, 220, 40), size=(40, 40))
+    calls = []
+    real = StableDiffusionPipeline.encode_image
+    monkeypatch.setattr(StableDiffusionPipeline, "encode_image",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    common = {"seed": 3, "prompt": "a vase"}
+    manifest = write_jsonl(images_dir / "ip.jsonl", [
+        {"id": "plain-before", **common},
+        {"id": "red", **common, "prompt_image": "init.png"},  # ip_adapter is the default method
+        {"id": "green", **common, "prompt_image": "green.png"},
+        {"id": "red-again", **common, "prompt_image": "init.png", "ip_scale": 0.6},
+        {"id": "red-off", **common, "prompt_image": "init.png", "ip_scale": 0},
+        {"id": "clip", "prompt_image": "green.png", "image_prompt_method": "clip_embed", "seed": 3},
+        {"id": "plain-after", **common, "num_images": 1, "negative_prompt": ""},
+    ])
+    out = tmp_path / "out"
+    assert cli(manifest, *FAST, "--out", out, "--quiet", "--batch-size", "2") == 0
+    image = {m["id"]: pixels(out / "images" / m["file_name"]) for m in read_metadata(out)}
+    assert np.abs(image["red"] - image["green"]).max() > 10  # the image is the prompt
+    assert np.abs(image["red"] - image["red-again"]).max() <= 2
+    assert np.abs(image["red-off"] - image["plain-before"]).max() <= 2  # scale 0: the adapter does nothing
+    assert np.abs(image["plain-after"] - image["plain-before"]).max() <= 2  # detached again for plain rows
+    assert np.abs(image["clip"] - image["green"]).max() > 10  # both methods in one manifest
+    assert len(calls) == 2  # one embedding per distinct prompt image, however many rows use it
+    meta = {m["id"]: m for m in read_metadata(out)}
+    assert meta["red"]["image_prompt_method"] == "ip_adapter" and meta["red"]["ip_scale"] == 0.6
+
+
+def test_single_file_checkpoint_loads(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from batch.single_file import save_single_file
+
+    checkpoint = tmp_path / "tiny model.safetensors"
+    save_single_file(StableDiffusionPipeline.from_pretrained(TINY), checkpoint)
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "a", "prompt": "a boat", "seed": 1}])
+    fast = [a for a in FAST if a not in ("--model", "tiny")]
+    assert cli(manifest, *fast, "--model", checkpoint, "--out", tmp_path / "single", "--quiet") == 0
+    assert cli(manifest, *FAST, "--out", tmp_path / "folder", "--quiet") == 0
+    assert np.abs(pixels(tmp_path / "single/images/a.png") - pixels(tmp_path / "folder/images/a.png")).max() <= 2
+    report = json.loads((tmp_path / "single" / "report.json").read_text())
+    assert report["run"]["model"] == str(checkpoint)
+
+
+def test_sd15_random_builds_offline_and_generates(tmp_path):
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "a", "prompt": "a photo of a cat", "seed": 1}])
+    out = tmp_path / "out"
+    assert cli(manifest, "--model", "sd15-random", "--device", "cpu", "--steps", "1", "--width", "64", "--height", "64",
+               "--out", out, "--quiet") == 0
+    assert pixels(out / "images" / "a.png").shape == (64, 64, 3)
+    group = json.loads((out / "report.json").read_text())["groups"][0]
+    assert group["model"] == "sd15-random" and group["images"] == 1
