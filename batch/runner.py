@@ -187,7 +187,7 @@ def load_options(config: RunConfig, device: str, dtype: str) -> LoadOptions:
     return LoadOptions(
         device=device, dtype=dtype, offload=config.offload, attention_slicing=config.attention_slicing,
         vae_slicing=config.vae_slicing, vae_tiling=config.vae_tiling, safety_checker=config.safety_checker,
-        ip_adapter=config.ip_adapter)
+        ip_adapter=config.ip_adapter, compile=config.compile)
 
 
 def execute(plan: Plan, config: RunConfig, options: LoadOptions, out: Path, checkpoint: Checkpoint):

@@ -242,3 +242,13 @@ def test_sd15_random_builds_offline_and_generates(tmp_path):
     assert pixels(out / "images" / "a.png").shape == (64, 64, 3)
     group = json.loads((out / "report.json").read_text())["groups"][0]
     assert group["model"] == "sd15-random" and group["images"] == 1
+
+
+def test_hub_model_not_in_cache_names_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "a", "prompt": "x"}])
+    fast = [a for a in FAST if a not in ("--model", "tiny")]
+    assert cli(manifest, *fast, "--model", "someone/not-downloaded", "--out", tmp_path / "o", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert "someone/not-downloaded" in err and "HF_HUB_OFFLINE" in err and "Traceback" not in err
+    assert not list((tmp_path / "o").glob("images/*.png"))
