@@ -181,3 +181,13 @@ def test_excel_style_csv_runs_and_keeps_text_unchanged(tmp_path):
 
     with Image.open(out / "images" / "c1.png") as image:
         assert image.text["parameters"].startswith("a cat, in a hat\nsecond line: Ünïcode 日本")
+
+
+def test_images_folder_loads_with_datasets_imagefolder(tmp_path):
+    datasets = pytest.importorskip("datasets", reason="datasets is optional; install it to run this check")
+    out = tmp_path / "demo"
+    assert cli(REPO / "manifests" / "demo.jsonl", "--model", "tiny", "--device", "cpu", "--out", out, "--quiet",
+               "--steps", "2") == 0
+    ds = datasets.load_dataset("imagefolder", data_dir=str(out / "images"), split="train")
+    assert ds.num_rows == 7 and {"image", "prompt", "seed", "label"} <= set(ds.column_names)
+    assert sorted(ds["id"]) == sorted(m["id"] for m in read_metadata(out))
