@@ -116,7 +116,7 @@ class Checkpoint:
         return self.run
 
     def sync(self, tasks: list[ImageTask], existing_files: set[str], retry_failed: bool, fresh: bool,
-             max_attempts: int | None = None) -> SyncResult:
+             max_attempts: int = 3) -> SyncResult:
         """Register this run's images; return those still to make.
 
         Done images with the same key whose file is still there are skipped; a changed key
@@ -124,8 +124,8 @@ class Checkpoint:
         """
         if fresh:
             self.db.execute("DELETE FROM images")
-        known = {(i, k): (key, status, file) for i, k, key, status, file in
-                 self.db.execute("SELECT id, k, key, status, file FROM images")}
+        known = {(i, k): (key, status, file, attempts) for i, k, key, status, file, attempts in
+                 self.db.execute("SELECT id, k, key, status, file, attempts FROM images")}
         todo, skipped, failed_kept, pending = [], 0, 0, []
         for task in tasks:
             old = known.get((task.job.id, task.k))
@@ -133,7 +133,7 @@ class Checkpoint:
                 if old[1] == "done" and old[2] in existing_files:
                     skipped += 1
                     continue
-                if old[1] == "failed" and not retry_failed:
+                if old[1] == "failed" and (not retry_failed or old[3] >= max_attempts):
                     failed_kept += 1
                     continue
             todo.append(task)

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, default=None, help="output folder [outputs/<manifest stem>]")
     run.add_argument("--format", default="png", choices=["png", "webp", "jpg"], help="[png]")
     run.add_argument("--retry-failed", action="store_true", help="retry images that failed in an earlier run")
+    run.add_argument("--max-attempts", type=_positive_int, default=3,
+                     help="--retry-failed leaves images that failed this many times [3]")
     run.add_argument("--fresh", action="store_true", help="ignore the checkpoint: make every image again")
     run.add_argument("--compile", action="store_true", help="torch.compile the UNet (warm-up reported apart)")
     run.add_argument("--quiet", action="store_true", help="no progress bar: a plain line every 10 s")
@@ -140,9 +142,10 @@ def _setup_logging(quiet: bool) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     if quiet:  # only warnings, plus the periodic progress lines
         handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name == "batch.progress")
+    handler.setLevel(logging.INFO)
     root = logging.getLogger("batch")
     root.handlers = [handler]
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.DEBUG)  # run.log keeps the per-batch lines; the terminal shows INFO
     root.propagate = False
 
 
@@ -182,8 +185,8 @@ def cmd_run(args) -> int:
     config = RunConfig(
         manifest=manifest, out=args.out or _default_out(manifest), model=args.model, device=args.device,
         dtype=args.dtype, batch_size=args.batch_size, seed=args.seed, format=args.format,
-        skip_invalid=args.skip_invalid, retry_failed=args.retry_failed, fresh=args.fresh, limit=args.limit,
-        quiet=args.quiet, compile=args.compile, defaults=_defaults(args),
+        skip_invalid=args.skip_invalid, retry_failed=args.retry_failed, max_attempts=args.max_attempts,
+        fresh=args.fresh, limit=args.limit, quiet=args.quiet, compile=args.compile, defaults=_defaults(args),
         offload=args.offload, attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
         vae_tiling=args.vae_tiling, safety_checker=args.safety_checker, ip_adapter=args.ip_adapter)
     result = run(config)

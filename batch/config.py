@@ -38,6 +38,7 @@ class RunConfig:
     format: str = "png"
     skip_invalid: bool = False
     retry_failed: bool = False
+    max_attempts: int = 3  # --retry-failed skips images that failed this many times
     fresh: bool = False
     limit: int | None = None  # first N jobs (rows) only
     quiet: bool = False

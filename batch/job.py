@@ -1,6 +1,7 @@
 """Validated jobs (one per manifest row) and the images they expand into."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -37,7 +38,12 @@ class Job:
     lora_scale: float | None = None
     model: str = ""  # the row's model, or the run's --model
     extra: tuple[tuple[str, object], ...] = ()  # unknown columns, carried into metadata
-    row: str = field(default="{}", compare=False)  # the manifest row as read (JSON), for failed.jsonl
+    raw: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # the row as read, for failed.jsonl
+
+    @property
+    def row(self) -> str:
+        """The manifest row as read, as JSON (only serialised for rows that are still to make)."""
+        return json.dumps(self.raw, ensure_ascii=False, default=str)
 
     def pixel_params(self) -> dict:
         """Every row parameter that changes the pixels (file contents stand for image paths)."""
@@ -68,13 +74,10 @@ class Job:
 
     def images(self, salt: str) -> list[ImageTask]:
         """The images this job makes; `salt` names the run-level settings that change pixels."""
-        base = json.dumps(self.pixel_params(), sort_keys=True) + salt
-        tasks = []
-        for k in range(self.num_images):
-            key = hashlib.sha256(f"{base}|{k}".encode()).hexdigest()[:32]
-            stem = self.stem if self.num_images == 1 else f"{self.stem}-{k}"
-            tasks.append(ImageTask(job=self, k=k, seed=self.seed + k, stem=stem, key=key))
-        return tasks
+        if self.num_images == 1:
+            return [ImageTask(job=self, k=0, seed=self.seed, stem=self.stem, salt=salt)]
+        return [ImageTask(job=self, k=k, seed=self.seed + k, stem=f"{self.stem}-{k}", salt=salt)
+                for k in range(self.num_images)]
 
 
 @dataclass(frozen=True)
@@ -85,4 +88,13 @@ class ImageTask:
     k: int
     seed: int
     stem: str
-    key: str
+    salt: str = ""  # run-level settings that change pixels (dtype)
+
+    @functools.cached_property
+    def key(self) -> str:
+        """Checkpoint key: a hash of every parameter that changes this image's pixels.
+
+        Computed on first use only: `validate` of a million rows never needs it.
+        """
+        params = repr(tuple(self.job.pixel_params().values()))  # repr: stable, and cheap at a million rows
+        return hashlib.sha256(f"{params}{self.salt}|{self.k}".encode()).hexdigest()[:32]

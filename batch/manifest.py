@@ -341,10 +341,13 @@ def _normalise(path: Path) -> str:
     return os.path.normpath(str(path))
 
 
+_UNSAFE = re.compile(r"[^\w.\-]+")
+_LEADING_DOTS = re.compile(r"^\.+")
+
+
 def file_stem(job_id: str) -> str:
     """A file name stem for an id: no path separators, no leading dots, nothing outside [word . -]."""
-    stem = re.sub(r"[^\w.\-]+", "_", job_id, flags=re.UNICODE)
-    return re.sub(r"^\.+", "_", stem)
+    return _LEADING_DOTS.sub("_", _UNSAFE.sub("_", job_id))
 
 
 def derive_seed(run_seed: int, job_id: str) -> int:
@@ -426,7 +429,7 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
         init_image=init_image, init_image_sha=init_sha,
         prompt_image=prompt_image, prompt_image_sha=prompt_sha,
         image_prompt_method=method, ip_scale=ip_scale, lora=lora, lora_scale=lora_scale, model=model,
-        extra=extra, row=json.dumps(raw, ensure_ascii=False, default=str),
+        extra=extra, raw=raw,
     )
     return job, []
 

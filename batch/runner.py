@@ -17,13 +17,14 @@ from .checkpoint import FILE_NAME, Checkpoint, Counts, Outcome
 from .config import RunConfig
 from .estimate import group_estimate
 from .generate import Conditioner, generate_batch, warm_up
-from .job import ImageTask
+from .interrupt import GracefulStop, StopRequested
+from .lock import FolderLock
 from .manifest import Manifest, load_manifest
 from .models import LoadOptions, check_options, load_family, resolve_device, resolve_dtype, resolve_model
 from .plan import Batch, Group, Plan, make_plan
 from .progress import Progress
 from .report import write_reports
-from .writer import ImageWriter, remove_temp_files, write_failed, write_metadata, write_text_atomic
+from .writer import ImageWriter, adopt_written, remove_temp_files, write_failed, write_metadata, write_text_atomic
 
 log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
@@ -71,6 +72,7 @@ class GroupTally:
     peak_vram_bytes: int | None = None
     freed_before_bytes: int | None = None  # GPU memory freed by unloading the previous model
     vram_estimate_bytes: int | None = None  # what `validate --estimate-vram` predicts, beside the measured peak
+    working_batch_size: int | None = None  # set when an out-of-memory made the group go on smaller
     stages: Stages = field(default_factory=Stages)
 
     def as_dict(self) -> dict:
@@ -79,6 +81,8 @@ class GroupTally:
         return {
             "model": g.model, "mode": g.mode, "width": g.width, "height": g.height, "lora": g.lora,
             "images": made, "failed": self.failed, "batches": len(g.batches),
+            "batch_size": max(len(b.tasks) for b in g.batches),
+            "working_batch_size": self.working_batch_size or max(len(b.tasks) for b in g.batches),
             "load_s": round(self.load_s, 4), "warmup_s": round(self.warmup_s, 4), "wall_s": round(self.wall_s, 4),
             "images_per_s": round(made / self.wall_s, 4) if self.wall_s > 0 else 0.0,
             "s_per_image_p50": round(_percentile(times, 50), 4) if times else None,
@@ -123,57 +127,71 @@ def run(config: RunConfig) -> RunResult:
     salt = f"|dtype={dtype}"
     tasks = [task for job in jobs for task in job.images(salt)]
 
-    # 2. Output folder and checkpoint: drop what is already done
+    # 2. Output folder (locked: one run at a time) and checkpoint: drop what is already done
     out = Path(config.out)
-    images_dir = out / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
     file_log = _log_to(out / "run.log")
     try:
-        removed = remove_temp_files(images_dir)
-        if removed:
-            log.info("removed %d partial file(s) left by an interrupted run", removed)
-        checkpoint = Checkpoint(out / FILE_NAME)
-        settings = run_settings(config, device, dtype, manifest)
-        checkpoint.start_run(settings)
-        write_text_atomic(out / "run.json", json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
-        existing = {entry.name for entry in os.scandir(images_dir)}
-        synced = checkpoint.sync(tasks, existing, config.retry_failed, config.fresh)
-        if manifest.invalid:
-            checkpoint.record_invalid([(str(raw.get("id") or f"row-{line}"), line, json.dumps(raw, ensure_ascii=False, default=str),
-                                        "; ".join(str(e) for e in errors)) for line, raw, errors in manifest.invalid])
-        plan = make_plan(synced.todo, config.model, config.batch_size, device)
-        log.info("%d jobs, %d images: %d to make in %d batches, %d done earlier, %d failed earlier (not retried)",
-                 len(jobs), len(tasks), plan.images, plan.batches, synced.skipped, synced.failed_kept)
-
-        # 3. Generate, writing as we go
-        tallies, interrupted = execute(plan, config, options, out, checkpoint)
-
-        # 4. Folder-level outputs, rebuilt from the checkpoint
-        generated = sum(len(t.per_image_s) for t in tallies)
-        stages = Stages()
-        for tally in tallies:
-            stages.add(tally.stages)
-        vram = [t.peak_vram_bytes for t in tallies if t.peak_vram_bytes is not None]
-        checkpoint.finish_run({
-            "jobs": len(jobs), "generated": generated, "skipped_from_checkpoint": synced.skipped,
-            "wall_s": round(time.perf_counter() - started, 4),
-            "generate_s": round(sum(t.wall_s for t in tallies), 4),
-            "peak_vram_bytes": max(vram) if vram else None,
-            "device_used_bytes": _device_used_bytes(device),
-            "peak_rss_bytes": peak_rss_bytes(), "interrupted": interrupted,
-            "stages": {k: round(v, 4) for k, v in vars(stages).items()},
-        })
-        finish_outputs(out, checkpoint)
-        counts = checkpoint.counts()
-        checkpoint.close()
-        result = RunResult(out, counts, generated, synced.skipped, interrupted)
-        log.info("%s: %d done, %d failed, %d pending; %d made now, %d skipped from checkpoint",
-                 "interrupted" if interrupted else "finished", counts.done, counts.failed, counts.pending,
-                 generated, synced.skipped)
-        return result
+        with FolderLock(out), GracefulStop() as stop:
+            return _run_locked(config, manifest, jobs, tasks, options, out, stop, started)
     finally:
         logging.getLogger("batch").removeHandler(file_log)
         file_log.close()
+
+
+def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: LoadOptions, out: Path,
+                stop: GracefulStop, started: float) -> RunResult:
+    """Steps 2-4 of `run`, with the folder locked."""
+    images_dir = out / "images"
+    removed = remove_temp_files(images_dir)
+    if removed:
+        log.info("removed %d partial file(s) left by an interrupted run", removed)
+    checkpoint = Checkpoint(out / FILE_NAME)
+    settings = run_settings(config, options.device, options.dtype, manifest)
+    checkpoint.start_run(settings)
+    write_text_atomic(out / "run.json", json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    existing = {entry.name for entry in os.scandir(images_dir)}
+    synced = checkpoint.sync(tasks, existing, config.retry_failed, config.fresh, config.max_attempts)
+    adopted = [] if config.fresh else adopt_written(synced.todo, images_dir, config.model)
+    if adopted:
+        checkpoint.commit(adopted)
+        log.info("adopted %d image(s) written by an interrupted run before it could record them", len(adopted))
+        done = {(o.task.job.id, o.task.k) for o in adopted}
+        synced = dataclasses.replace(synced, todo=[t for t in synced.todo if (t.job.id, t.k) not in done],
+                                     skipped=synced.skipped + len(adopted))
+    if manifest.invalid:
+        checkpoint.record_invalid([(str(raw.get("id") or f"row-{line}"), line, json.dumps(raw, ensure_ascii=False, default=str),
+                                    "; ".join(str(e) for e in errors)) for line, raw, errors in manifest.invalid])
+    plan = make_plan(synced.todo, config.model, config.batch_size, options.device)
+    log.info("%d jobs, %d images: %d to make in %d batches, %d done earlier, %d failed earlier (not retried)",
+             len(jobs), len(tasks), plan.images, plan.batches, synced.skipped, synced.failed_kept)
+
+    # 3. Generate, writing as we go
+    tallies, interrupted = execute(plan, config, options, out, checkpoint, stop)
+
+    # 4. Folder-level outputs, rebuilt from the checkpoint
+    generated = sum(len(t.per_image_s) for t in tallies)
+    stages = Stages()
+    for tally in tallies:
+        stages.add(tally.stages)
+    vram = [t.peak_vram_bytes for t in tallies if t.peak_vram_bytes is not None]
+    checkpoint.finish_run({
+        "jobs": len(jobs), "generated": generated, "skipped_from_checkpoint": synced.skipped,
+        "wall_s": round(time.perf_counter() - started, 4),
+        "generate_s": round(sum(t.wall_s for t in tallies), 4),
+        "peak_vram_bytes": max(vram) if vram else None,
+        "device_used_bytes": _device_used_bytes(options.device),
+        "peak_rss_bytes": peak_rss_bytes(), "interrupted": interrupted,
+        "stages": {k: round(v, 4) for k, v in vars(stages).items()},
+    })
+    finish_outputs(out, checkpoint)
+    counts = checkpoint.counts()
+    checkpoint.close()
+    result = RunResult(out, counts, generated, synced.skipped, interrupted)
+    log.info("%s: %d done, %d failed, %d pending; %d made now, %d skipped from checkpoint",
+             "interrupted" if interrupted else "finished", counts.done, counts.failed, counts.pending,
+             generated, synced.skipped)
+    return result
 
 
 def finish_outputs(out: Path, checkpoint: Checkpoint) -> None:
@@ -190,15 +208,19 @@ def load_options(config: RunConfig, device: str, dtype: str) -> LoadOptions:
         ip_adapter=config.ip_adapter, compile=config.compile)
 
 
-def execute(plan: Plan, config: RunConfig, options: LoadOptions, out: Path, checkpoint: Checkpoint):
+def execute(plan: Plan, config: RunConfig, options: LoadOptions, out: Path, checkpoint: Checkpoint,
+            stop: GracefulStop):
     """Generate every batch of the plan; returns per-group tallies and whether it was interrupted."""
-    writer = ImageWriter(out / "images", config.format, config.model, config.writer_threads)
+    # The writer holds at most one batch: a kill loses at most one batch of finished images.
+    largest = max((len(b.tasks) for g in plan.groups for b in g.batches), default=1)
+    writer = ImageWriter(out / "images", config.format, config.model, config.writer_threads, max_pending=largest)
     tallies: list[GroupTally] = []
     interrupted = False
     freed = None
     with Progress(plan.images, quiet=config.quiet) as progress:
         try:
             for model in plan.models():
+                stop.check()
                 family = load_family(model, options)
                 conditioner = Conditioner(family)
                 load_s = family.load_s
@@ -208,14 +230,14 @@ def execute(plan: Plan, config: RunConfig, options: LoadOptions, out: Path, chec
                     load_s, freed = 0.0, None  # the load is charged to the model's first group
                     tallies.append(tally)
                     progress.set_group(group.name)
-                    _run_group(group, tally, family, conditioner, config, options.device, writer, checkpoint, progress)
+                    _run_group(group, tally, family, conditioner, config, options.device, writer, checkpoint, progress, stop)
                     checkpoint.save_group(len(tallies) - 1, tally.as_dict())
                 freed = family.unload()
                 if freed is not None:
                     log.info("freed %.2f GB of GPU memory held by %s", freed / 2**30, model)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, StopRequested):
             interrupted = True
-            log.warning("interrupted: finishing the images already made, then stopping")
+            log.warning("interrupted: the images already made are recorded; run the same command again to resume")
         finally:
             _commit_written(writer.close(), checkpoint, tallies)
             if tallies:
@@ -224,7 +246,7 @@ def execute(plan: Plan, config: RunConfig, options: LoadOptions, out: Path, chec
 
 
 def _run_group(group: Group, tally: GroupTally, family, conditioner, config: RunConfig, device: str,
-               writer: ImageWriter, checkpoint: Checkpoint, progress: Progress) -> None:
+               writer: ImageWriter, checkpoint: Checkpoint, progress: Progress, stop: GracefulStop) -> None:
     import torch
 
     cuda = device.startswith("cuda")
@@ -234,15 +256,18 @@ def _run_group(group: Group, tally: GroupTally, family, conditioner, config: Run
         tally.warmup_s = warm_up(family, conditioner, group.batches[0])
     started = time.perf_counter()
     try:
-        for batch in group.batches:
-            made, failures = _make(batch, family, conditioner, tally)
-            for task, image, seconds, notes in made:
-                writer.submit(task, image, context=(group.name, batch.index, seconds), notes=notes)
-            checkpoint.commit([Outcome(task, ok=False, error=error, group=group.name, batch=batch.index)
-                               for task, error in failures])
-            tally.failed += len(failures)
-            _commit_written(writer.finished(), checkpoint, [tally])
-            progress.advance(len(batch.tasks))
+        for planned in group.batches:
+            stop.check()  # a safe point: everything before it is written or queued
+            for batch in _at_most(planned, tally.working_batch_size):
+                made, failures = _make(batch, family, conditioner, tally)
+                for task, image, seconds, notes in made:
+                    writer.submit(task, image, context=(group.name, batch.index, seconds), notes=notes)
+                checkpoint.commit([Outcome(task, ok=False, error=error, group=group.name, batch=batch.index)
+                                   for task, error in failures])
+                tally.failed += len(failures)
+                log.debug("batch %d: %d generated, %d failed", batch.index, len(made), len(failures))
+                _commit_written(writer.finished(), checkpoint, [tally])
+                progress.advance(len(batch.tasks))
         _commit_written(writer.finished(block=True), checkpoint, [tally])
     finally:
         tally.wall_s = time.perf_counter() - started
@@ -261,6 +286,11 @@ def _make(batch: Batch, family, conditioner, tally: GroupTally):
         raise
     except Exception as e:  # one bad job must not stop the night: record it, go on
         _free_cuda(family.device)
+        if _is_oom(e):
+            smaller = max(1, len(batch.tasks) // 2)
+            if tally.working_batch_size is None or smaller < tally.working_batch_size:
+                tally.working_batch_size = smaller  # kept for the rest of the group
+                log.warning("out of memory at batch size %d: continuing this group at %d", len(batch.tasks), smaller)
         if len(batch.tasks) == 1:
             log.error("job %s image %d failed", batch.tasks[0].job.id, batch.tasks[0].k, exc_info=True)
             return [], [(batch.tasks[0], f"{type(e).__name__}: {e}")]
@@ -279,6 +309,19 @@ def _make(batch: Batch, family, conditioner, tally: GroupTally):
     made = [(task, image, share, output.notes.get(i)) for i, (task, image) in enumerate(zip(batch.tasks, output.images))
             if i not in output.errors]
     return made, [(batch.tasks[i], error) for i, error in output.errors.items()]
+
+
+def _is_oom(error: Exception) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _at_most(batch: Batch, size: int | None) -> list[Batch]:
+    """The batch, split into chunks of the group's working size after an out-of-memory."""
+    if size is None or len(batch.tasks) <= size:
+        return [batch]
+    return [Batch(batch.index, batch.tasks[i : i + size]) for i in range(0, len(batch.tasks), size)]
 
 
 def _free_cuda(device: str) -> None:

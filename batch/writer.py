@@ -125,7 +125,10 @@ def remove_temp_files(folder: Path) -> int:
     return removed
 
 
-def save_image(image, path: Path, fmt: str, parameters: str) -> int:
+KEY_CHUNK = "sdbatch-key"  # PNG text chunk: lets a rerun adopt a file written just before a kill
+
+
+def save_image(image, path: Path, fmt: str, parameters: str, key: str | None = None) -> int:
     """Encode one image with its parameters embedded, atomically."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
@@ -135,6 +138,8 @@ def save_image(image, path: Path, fmt: str, parameters: str) -> int:
     if kind == "PNG":
         info = PngInfo()
         info.add_text("parameters", parameters)  # PIL writes iTXt when the text is not Latin-1
+        if key:
+            info.add_text(KEY_CHUNK, key)
         options.update(pnginfo=info, compress_level=4)  # level 4: most of the size, a third of the time of 9
     else:
         exif = Image.Exif()
@@ -177,7 +182,7 @@ class ImageWriter:
         started = time.perf_counter()
         name = f"{task.stem}.{self.fmt}"
         try:
-            save_image(image, self.folder / name, self.fmt, infotext(task, task.job.model or self.model))
+            save_image(image, self.folder / name, self.fmt, infotext(task, task.job.model or self.model), task.key)
         except OSError as e:
             return Written(task, None, None, f"write failed: {e}", time.perf_counter() - started, context)
         meta = image_metadata(task, task.job.model or self.model, name)
@@ -197,6 +202,32 @@ class ImageWriter:
         results = self.finished(block=True)
         self.pool.shutdown(wait=True)
         return results
+
+
+def adopt_written(tasks: list[ImageTask], folder: Path, model: str) -> list:
+    """Images a killed run finished writing but did not record: their PNG carries the same key.
+
+    Reading a PNG's text chunks does not decode its pixels, so this is cheap; only files
+    whose key matches are adopted, anything else is made again.
+    """
+    from PIL import Image
+
+    from .checkpoint import Outcome
+
+    adopted = []
+    for task in tasks:
+        path = folder / f"{task.stem}.png"
+        if not path.exists():
+            continue
+        try:
+            with Image.open(path) as image:
+                key = image.text.get(KEY_CHUNK)
+        except Exception:  # a damaged file is simply made again
+            continue
+        if key == task.key:
+            meta = image_metadata(task, task.job.model or model, path.name)
+            adopted.append(Outcome(task, ok=True, file=path.name, meta=meta))
+    return adopted
 
 
 def write_metadata(out: Path, lines) -> int:

@@ -73,8 +73,10 @@ def test_sigkill_then_rerun_finishes_with_identical_images(tmp_path, capsys):
 
     assert cli(manifest, *SLOW, "--out", out, "--quiet", "--batch-size", "2") == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["totals"]["skipped_from_checkpoint"] == done_at_kill
-    assert report["totals"]["generated"] == 17 - done_at_kill
+    # Done images are skipped; images written but not yet recorded at the kill are adopted (same key in the PNG).
+    skipped = report["totals"]["skipped_from_checkpoint"]
+    assert done_at_kill <= skipped <= done_at_kill + 2  # the writer holds at most one batch (2)
+    assert report["totals"]["generated"] == 17 - skipped
     assert _status(out, capsys) == {"total": 17, "done": 17, "failed": 0, "pending": 0}
     files = sorted(p.name for p in (out / "images").iterdir())
     assert not [f for f in files if f.startswith(".")], "temp files left behind"
