@@ -67,14 +67,8 @@ class Conditioner:
 
     def _pictures(self, jobs, cache) -> list:
         """The distinct prompt images of `jobs` not yet in `cache`: [(sha, RGB image)]."""
-        from PIL import Image
-
         missing = list(dict.fromkeys((j.prompt_image_sha, j.prompt_image) for j in jobs if j.prompt_image_sha not in cache))
-        pictures = []
-        for sha, path in missing:
-            with Image.open(path) as picture:
-                pictures.append((sha, picture.convert("RGB")))
-        return pictures
+        return [(sha, read_rgb(path, "prompt_image")) for sha, path in missing]
 
     def clip_embeds(self, jobs):
         """clip_embed: the CLIP image embedding, repeated over the token sequence, as prompt embeddings."""
@@ -116,17 +110,27 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()  # a CPU-GPU sync point: only at stage boundaries, for honest timings
 
 
+def read_rgb(path: str, column: str):
+    """An RGB image from disk; a file that stopped decoding since validation names itself."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as picture:
+            return picture.convert("RGB")
+    except Exception as e:  # PIL raises many types for damaged files
+        raise ValueError(f"cannot read {column} {path}: {type(e).__name__}: {e}") from e
+
+
 def _init_images(batch: Batch) -> list:
     from PIL import Image
 
     images = []
     for task in batch.tasks:
         job = task.job
-        with Image.open(job.init_image) as picture:
-            picture = picture.convert("RGB")
-            if picture.size != (job.width, job.height):
-                picture = picture.resize((job.width, job.height), Image.Resampling.LANCZOS)
-            images.append(picture)
+        picture = read_rgb(job.init_image, "init_image")
+        if picture.size != (job.width, job.height):
+            picture = picture.resize((job.width, job.height), Image.Resampling.LANCZOS)
+        images.append(picture)
     return images
 
 

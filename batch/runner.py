@@ -292,15 +292,17 @@ def _make(batch: Batch, family, conditioner, tally: GroupTally):
                 tally.working_batch_size = smaller  # kept for the rest of the group
                 log.warning("out of memory at batch size %d: continuing this group at %d", len(batch.tasks), smaller)
         if len(batch.tasks) == 1:
-            log.error("job %s image %d failed", batch.tasks[0].job.id, batch.tasks[0].k, exc_info=True)
+            log.error("job %s image %d failed: %s: %s", batch.tasks[0].job.id, batch.tasks[0].k, type(e).__name__, e)
+            log.debug("traceback of that failure:", exc_info=True)  # run.log only
             return [], [(batch.tasks[0], f"{type(e).__name__}: {e}")]
         log.warning("batch %d failed (%s: %s); retrying in halves", batch.index, type(e).__name__, e)
         half = len(batch.tasks) // 2
         made, failures = [], []
         for part in (batch.tasks[:half], batch.tasks[half:]):
-            m, f = _make(Batch(batch.index, part), family, conditioner, tally)
-            made += m
-            failures += f
+            for chunk in _at_most(Batch(batch.index, part), tally.working_batch_size):  # the size may have shrunk
+                m, f = _make(chunk, family, conditioner, tally)
+                made += m
+                failures += f
         return made, failures
     tally.stages.encode_s += output.encode_s
     tally.stages.denoise_s += output.denoise_s
