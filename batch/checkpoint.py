@@ -192,6 +192,24 @@ class Checkpoint:
 
     # --- reading --------------------------------------------------------------------
 
+    def finished_lines(self, existing_files: set[str]) -> tuple[frozenset, int]:
+        """Manifest lines whose every image is done with its file present, and how many images that is.
+
+        A resume of an unchanged manifest skips these rows without reading them again.
+        """
+        lines: dict[int, bool] = {}
+        images = 0
+        for ord_, status, file in self.db.execute("SELECT ord, status, file FROM images"):
+            line = ord_ // 100_000
+            ok = status == "done" and file in existing_files
+            lines[line] = lines.get(line, True) and ok
+            images += ok
+        finished = frozenset(line for line, ok in lines.items() if ok)
+        if len(finished) != len(lines):  # count only images of fully finished lines
+            images = sum(1 for ord_, in self.db.execute("SELECT ord FROM images WHERE status = 'done'")
+                         if ord_ // 100_000 in finished)
+        return finished, images
+
     def counts(self) -> Counts:
         total, done, failed = self.db.execute(
             """SELECT COUNT(*), COALESCE(SUM(status = 'done'), 0), COALESCE(SUM(status = 'failed'), 0)

@@ -41,16 +41,21 @@ class Manifest:
     jobs: list[Job]
     invalid: list[tuple[int, dict, list[RowError]]]  # (line, raw row, its errors)
     sha256: str
+    skipped_rows: int = 0  # rows not read again because the checkpoint holds them done (see `skip_lines`)
 
 
-def read_rows(path: Path) -> tuple[list[tuple[int, dict]], list[RowError], bytes]:
-    """Raw rows as (line number, {column: value}) with empty cells as None; parse errors collected."""
+def read_bytes(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(path, [RowError(None, None, None, "file not found")]) from None
     except OSError as e:
         raise ManifestError(path, [RowError(None, None, None, f"cannot read: {e.strerror}")]) from None
+
+
+def read_rows(path: Path, data: bytes | None = None, skip_lines: frozenset = frozenset()) -> tuple[list[tuple[int, dict]], list[RowError], bytes]:
+    """Raw rows as (line number, {column: value}) with empty cells as None; parse errors collected."""
+    data = read_bytes(path) if data is None else data
     name = path.name.lower()
     if name.endswith(".gz"):
         try:
@@ -59,12 +64,13 @@ def read_rows(path: Path) -> tuple[list[tuple[int, dict]], list[RowError], bytes
             raise ManifestError(path, [RowError(None, None, None, f"not a valid gzip file: {e}")]) from None
         name = name[:-3]
     if name.endswith(".jsonl") or name.endswith(".ndjson"):
-        rows, errors = _read_jsonl(data)
+        rows, errors = _read_jsonl(data, skip_lines)
     elif name.endswith(".csv"):
         rows, errors = _read_csv(data)
+        rows = [(line, raw) for line, raw in rows if line not in skip_lines] if skip_lines else rows
     else:
         raise ManifestError(path, [RowError(None, None, path.suffix, "manifest must be .csv, .jsonl or .jsonl.gz")])
-    if not rows and not errors:
+    if not rows and not errors and not skip_lines:
         errors = [RowError(None, None, None, "the manifest holds no rows")]
     return rows, errors, data
 
@@ -90,12 +96,14 @@ def _text_or_error(data: bytes) -> tuple[str | None, list[RowError]]:
         return None, e.errors
 
 
-def _read_jsonl(data: bytes) -> tuple[list[tuple[int, dict]], list[RowError]]:
+def _read_jsonl(data: bytes, skip_lines: frozenset = frozenset()) -> tuple[list[tuple[int, dict]], list[RowError]]:
     text, errors = _text_or_error(data)
     if text is None:
         return [], errors
     rows = []
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit inside a string
+        if number in skip_lines:
+            continue
         line = line.removesuffix("\r")
         if not line.strip():
             continue
@@ -491,22 +499,25 @@ def _unique_ids(rows: list[tuple[int, dict]]) -> dict[int, list[RowError]]:
     return errors
 
 
-def load_manifest(path: Path, defaults: Defaults = Defaults(), run_seed: int = 0, skip_invalid: bool = False) -> Manifest:
+def load_manifest(path: Path, defaults: Defaults = Defaults(), run_seed: int = 0, skip_invalid: bool = False,
+                  data: bytes | None = None, skip_lines: frozenset = frozenset()) -> Manifest:
     """Read and validate the whole manifest; raise ManifestError listing every problem.
 
     With `skip_invalid`, bad rows (and unparseable JSONL lines) come back in
     `Manifest.invalid` instead; problems with the file as a whole (unreadable, no rows,
-    a misspelt column) still raise.
+    a misspelt column) still raise. `skip_lines` are rows of this very file that an
+    earlier run validated and finished: they are not parsed or validated again.
     """
     path = Path(path)
-    rows, parse_errors, data = read_rows(path)
+    rows, parse_errors, data = read_rows(path, data, skip_lines)
     column_errors = _column_errors(rows)
     jobs, invalid = _validate_rows(path, rows, defaults, run_seed)
     row_errors = [e for _, _, errs in invalid for e in errs]
-    if not rows or column_errors or (not skip_invalid and (parse_errors or invalid)):
+    if (not rows and not skip_lines) or column_errors or (not skip_invalid and (parse_errors or invalid)):
         raise ManifestError(path, sorted(parse_errors + column_errors + row_errors, key=_order))
     invalid += [(e.line or 0, {}, [e]) for e in parse_errors]
-    return Manifest(path=path, jobs=jobs, invalid=sorted(invalid, key=lambda item: item[0]), sha256=hashlib.sha256(data).hexdigest())
+    return Manifest(path=path, jobs=jobs, invalid=sorted(invalid, key=lambda item: item[0]),
+                    sha256=hashlib.sha256(data).hexdigest(), skipped_rows=len(skip_lines))
 
 
 def _validate_rows(path: Path, rows, defaults: Defaults, run_seed: int):

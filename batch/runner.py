@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from .estimate import group_estimate
 from .generate import Conditioner, generate_batch, warm_up
 from .interrupt import GracefulStop, StopRequested
 from .lock import FolderLock
-from .manifest import Manifest, load_manifest
+from .manifest import Manifest, load_manifest, read_bytes
 from .models import LoadOptions, check_options, load_family, resolve_device, resolve_dtype, resolve_model
 from .plan import Batch, Group, Plan, make_plan
 from .progress import Progress
@@ -116,10 +117,15 @@ def run(config: RunConfig) -> RunResult:
     # 1. Read and validate every row; resolve what the run needs
     started = time.perf_counter()
     defaults = dataclasses.replace(config.defaults, model=config.model)
-    manifest = load_manifest(config.manifest, defaults, config.seed, config.skip_invalid)
-    jobs = manifest.jobs[: config.limit] if config.limit else manifest.jobs
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    data = read_bytes(Path(config.manifest))
+    fingerprint = _resume_fingerprint(config, defaults, dtype, data)
+    finished, finished_images = _finished_lines(Path(config.out), fingerprint)
+    manifest = load_manifest(config.manifest, defaults, config.seed, config.skip_invalid, data, finished)
+    if finished:
+        log.info("the manifest and settings are those of the last run: %d finished rows not read again", len(finished))
+    jobs = manifest.jobs[: config.limit] if config.limit else manifest.jobs
     options = load_options(config, device, dtype)
     check_options(options)
     for model in dict.fromkeys(job.model for job in jobs):
@@ -133,14 +139,39 @@ def run(config: RunConfig) -> RunResult:
     file_log = _log_to(out / "run.log")
     try:
         with FolderLock(out), GracefulStop() as stop:
-            return _run_locked(config, manifest, jobs, tasks, options, out, stop, started)
+            return _run_locked(config, manifest, jobs, tasks, options, out, stop, started,
+                               {"resume_fingerprint": fingerprint, "finished_images": finished_images})
     finally:
         logging.getLogger("batch").removeHandler(file_log)
         file_log.close()
 
 
+def _resume_fingerprint(config: RunConfig, defaults, dtype: str, data: bytes) -> str | None:
+    """What must be equal for a rerun to trust the last run's finished rows without re-reading them."""
+    if config.fresh or config.limit:
+        return None
+    settings = json.dumps([dataclasses.asdict(defaults), config.seed, config.skip_invalid, dtype], sort_keys=True)
+    return hashlib.sha256(data + settings.encode()).hexdigest()
+
+
+def _finished_lines(out: Path, fingerprint: str | None) -> tuple[frozenset, int]:
+    """Rows the last run of this same manifest and settings finished (files present), and their images."""
+    path = out / FILE_NAME
+    if fingerprint is None or not path.exists():
+        return frozenset(), 0
+    checkpoint = Checkpoint(path, readonly=True)
+    try:
+        last = checkpoint.last_run()
+        if last is None or last[1].get("resume_fingerprint") != fingerprint:
+            return frozenset(), 0
+        existing = {entry.name for entry in os.scandir(out / "images")} if (out / "images").is_dir() else set()
+        return checkpoint.finished_lines(existing)
+    finally:
+        checkpoint.close()
+
+
 def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: LoadOptions, out: Path,
-                stop: GracefulStop, started: float) -> RunResult:
+                stop: GracefulStop, started: float, resume: dict) -> RunResult:
     """Steps 2-4 of `run`, with the folder locked."""
     images_dir = out / "images"
     removed = remove_temp_files(images_dir)
@@ -148,10 +179,11 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
         log.info("removed %d partial file(s) left by an interrupted run", removed)
     checkpoint = Checkpoint(out / FILE_NAME)
     settings = run_settings(config, options.device, options.dtype, manifest)
-    checkpoint.start_run(settings)
+    checkpoint.start_run({**settings, "resume_fingerprint": resume["resume_fingerprint"]})
     write_text_atomic(out / "run.json", json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
     existing = {entry.name for entry in os.scandir(images_dir)}
     synced = checkpoint.sync(tasks, existing, config.retry_failed, config.fresh, config.max_attempts)
+    synced = dataclasses.replace(synced, skipped=synced.skipped + resume["finished_images"])
     adopted = [] if config.fresh else adopt_written(synced.todo, images_dir, config.model)
     if adopted:
         checkpoint.commit(adopted)
@@ -163,8 +195,8 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
         checkpoint.record_invalid([(str(raw.get("id") or f"row-{line}"), line, json.dumps(raw, ensure_ascii=False, default=str),
                                     "; ".join(str(e) for e in errors)) for line, raw, errors in manifest.invalid])
     plan = make_plan(synced.todo, config.model, config.batch_size, options.device)
-    log.info("%d jobs, %d images: %d to make in %d batches, %d done earlier, %d failed earlier (not retried)",
-             len(jobs), len(tasks), plan.images, plan.batches, synced.skipped, synced.failed_kept)
+    log.info("%d jobs: %d images to make in %d batches, %d done earlier, %d failed earlier (not retried)",
+             len(jobs) + manifest.skipped_rows, plan.images, plan.batches, synced.skipped, synced.failed_kept)
 
     # 3. Generate, writing as we go
     tallies, interrupted = execute(plan, config, options, out, checkpoint, stop)
@@ -176,7 +208,7 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
         stages.add(tally.stages)
     vram = [t.peak_vram_bytes for t in tallies if t.peak_vram_bytes is not None]
     checkpoint.finish_run({
-        "jobs": len(jobs), "generated": generated, "skipped_from_checkpoint": synced.skipped,
+        "jobs": len(jobs) + manifest.skipped_rows, "generated": generated, "skipped_from_checkpoint": synced.skipped,
         "wall_s": round(time.perf_counter() - started, 4),
         "generate_s": round(sum(t.wall_s for t in tallies), 4),
         "peak_vram_bytes": max(vram) if vram else None,
