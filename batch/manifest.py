@@ -96,6 +96,18 @@ def _text_or_error(data: bytes) -> tuple[str | None, list[RowError]]:
         return None, e.errors
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _valid_unicode(value) -> bool:
+    """False if any text in a parsed JSON value cannot be encoded (lone surrogates from \\ud800 escapes)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _read_jsonl(data: bytes, skip_lines: frozenset = frozenset()) -> tuple[list[tuple[int, dict]], list[RowError]]:
     text, errors = _text_or_error(data)
     if text is None:
@@ -111,6 +123,12 @@ def _read_jsonl(data: bytes, skip_lines: frozenset = frozenset()) -> tuple[list[
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             errors.append(RowError(number, None, line.strip()[:60], f"invalid JSON: {e.msg} at column {e.colno}"))
+            continue
+        except (ValueError, RecursionError) as e:  # integers past Python's digit limit; absurd nesting
+            errors.append(RowError(number, None, line.strip()[:60], f"invalid JSON: {str(e)[:80]}"))
+            continue
+        if _SURROGATE_ESCAPE.search(line) and not _valid_unicode(obj):
+            errors.append(RowError(number, None, line.strip()[:60], "text holds a lone surrogate (\\ud800-\\udfff): not valid Unicode"))
             continue
         if not isinstance(obj, dict):
             errors.append(RowError(number, None, obj, "each line must be a JSON object"))
@@ -249,7 +267,9 @@ class _Row:
             return default
         try:
             parsed = float(value) if not isinstance(value, int) else value
-        except (TypeError, ValueError):
+            if kind is float:
+                parsed = float(parsed)  # a 400-digit integer overflows here
+        except (TypeError, ValueError, OverflowError):
             self.error(column, value, allowed)
             return default
         if isinstance(parsed, float):
@@ -292,7 +312,7 @@ class _ImageChecker:
         value = row.text(column)
         if value is None:
             return None, None
-        path = Path(value.strip()).expanduser()
+        path = _expand(value.strip())
         if not path.is_absolute():
             path = self.folder / path
         path = Path(_normalise(path))
@@ -316,6 +336,8 @@ class _ImageChecker:
             return None, f"is a folder, not an image: {path}"
         except OSError as e:
             return None, f"cannot read {path}: {e.strerror}"
+        except ValueError as e:  # a NUL byte in the name
+            return None, f"not a usable file name ({e})"
         try:
             with Image.open(path) as image:
                 image.load()
@@ -324,6 +346,8 @@ class _ImageChecker:
         return hashlib.sha256(data).hexdigest(), None
 
 
+_HUB_ID = re.compile(r"[\w.\-]{1,96}/[\w.\-]{1,96}")
+PRESETS = {"model": ("tiny", "sd15-random")}
 _LOOKS_LOCAL = re.compile(r"^(\.|~|/|[A-Za-z]:\\)|\.(safetensors|ckpt|pt|bin)$")
 
 
@@ -333,14 +357,33 @@ def _reference(row: _Row, column: str, folder: Path) -> str | None:
     if value is None or not value.strip():
         return None
     value = value.strip()
-    path = Path(value).expanduser()
+    path = _expand(value)
     candidate = path if path.is_absolute() else folder / path
-    if candidate.exists():
+    if _exists(candidate):
         return _normalise(candidate.resolve())
     if _LOOKS_LOCAL.search(value):
         row.error(column, value, f"not found: {candidate} (relative paths resolve against the manifest's folder)")
         return None
-    return value  # a hub id or a preset name such as 'tiny'; resolved when the model loads
+    if value in PRESETS.get(column, ()) or _HUB_ID.fullmatch(value):
+        return value  # resolved (and, offline, looked up in the cache) when the model loads
+    row.error(column, value, "neither an existing path (relative to the manifest's folder) nor a hub id like 'org/name'")
+    return None
+
+
+def _expand(text: str) -> Path:
+    """`~` and `~user` expanded where they can be; `~nosuchuser` stays as written."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        return Path(text)
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists() that answers False for names the OS refuses (NUL bytes, too long)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _normalise(path: Path) -> str:
@@ -426,6 +469,9 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
         row.error("lora_scale", raw["lora_scale"], "lora_scale needs a lora on the same row")
 
     extra = tuple((k, v) for k, v in raw.items() if k not in COLUMNS)
+    for column, value in extra:
+        if isinstance(value, float) and not math.isfinite(value):
+            row.error(column, value, "NaN and Infinity cannot be written to metadata.jsonl (not JSON); use null or a string")
     if row.errors:
         return None, row.errors
     job = Job(
@@ -464,11 +510,15 @@ def _row_id(line: int, raw: dict) -> str:
 
 
 def _image_count(raw: dict) -> int:
+    """num_images as validate_row will read it (2, 2.0, "2.", "2e0"), or 1 if it is invalid."""
+    value = raw.get("num_images")
     try:
-        count = int(str(raw.get("num_images") or 1).strip())
-    except ValueError:
+        count = float(value) if value not in (None, "") and not isinstance(value, bool) else 1.0
+    except (TypeError, ValueError, OverflowError):
         return 1
-    return count if 1 <= count <= MAX_IMAGES_PER_ROW else 1
+    if not math.isfinite(count) or not count.is_integer():
+        return 1
+    return int(count) if 1 <= count <= MAX_IMAGES_PER_ROW else 1
 
 
 def _unique_ids(rows: list[tuple[int, dict]]) -> dict[int, list[RowError]]:

@@ -14,7 +14,8 @@ from .schedulers import SCHEDULERS
 
 TEMP_MARK = ".tmp-"
 FORMATS = {"png": "PNG", "webp": "WEBP", "jpg": "JPEG"}
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # keep \t and \n; the rest would break readers
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]")  # keep \t and \n; the rest would break readers
+EXIF_TEXT_CHARS = 30_000  # JPEG's EXIF block holds 64 KB: the UTF-16 UserComment must fit
 
 
 def clean_text(text: str) -> str:
@@ -144,6 +145,9 @@ def save_image(image, path: Path, fmt: str, parameters: str, key: str | None = N
     else:
         exif = Image.Exif()
         # EXIF UserComment, as AUTOMATIC1111 does for JPEG and WebP.
+        if len(parameters) > EXIF_TEXT_CHARS:  # keep the parameters line, shorten the prompt
+            tail = parameters[parameters.rfind("\n"):]
+            parameters = parameters[: EXIF_TEXT_CHARS - len(tail) - 3] + "..." + tail
         exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + parameters.encode("utf-16-be")
         options.update(exif=exif.tobytes(), quality=95)
     return write_atomic(path, lambda f: image.save(f, format=kind, **options))
@@ -183,8 +187,8 @@ class ImageWriter:
         name = f"{task.stem}.{self.fmt}"
         try:
             save_image(image, self.folder / name, self.fmt, infotext(task, task.job.model or self.model), task.key)
-        except OSError as e:
-            return Written(task, None, None, f"write failed: {e}", time.perf_counter() - started, context)
+        except Exception as e:  # a full disk, a permission, an encoder refusing: this image fails, the run goes on
+            return Written(task, None, None, f"write failed: {type(e).__name__}: {e}", time.perf_counter() - started, context)
         meta = image_metadata(task, task.job.model or self.model, name)
         meta.update(notes or {})
         return Written(task, name, meta, None, time.perf_counter() - started, context)

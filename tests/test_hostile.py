@@ -5,10 +5,11 @@ another exception); every job it returns has a file stem that stays inside the o
 folder; the `parameters` an image carries read back exactly; and the CLI answers garbage
 with exit 2 and a one-line "error:" message, never a traceback, writing no image.
 
-Known bugs are pinned as strict xfails holding their minimal input: fixing one turns its
-test red until the marker goes. The property tests come in two flavours: a green one over
-the input space minus the known bug triggers (see `_avoid_known_bugs`), and a strict-xfail
-one over the whole space, whose explicit examples are the known triggers.
+The bugs this file found (huge numbers, deep nesting, NUL and over-long paths, `~nouser`,
+lone surrogates, float num_images, long JPEG parameters) keep their minimal inputs as
+regression cases. The property tests run twice: over plausible input (`_avoid_known_bugs`
+keeps those triggers out, so other failures show plainly) and over the whole space, whose
+explicit examples are those triggers.
 """
 from __future__ import annotations
 
@@ -163,7 +164,7 @@ IDS = ("..", ".", "...", "../../etc/passwd", "a/b", "a\\b", "/abs", ".hidden", "
        "~", "CON", "é", "A", "a", "a-0", "a-1", "row-1", "row-2", "x" * 199, "x" * 250, " ", "\t", "\u2028")
 SAFE_BIG_INTS = (2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 10**20, 10**308)
 BIG_INTS = SAFE_BIG_INTS + (2**1024, 10**400, -(10**400))  # float(10**400) raises OverflowError
-# Each one of these crashes load_manifest today (see the xfails below).
+# Each one of these once crashed load_manifest (regression cases below).
 HOSTILE_TEXT = ("\ud800", "a\udfffb", "~nosuchuser", "~nosuchuser/x.png", "x\x00y", "a" * 300, "/" + "b" * 256)
 
 
@@ -178,7 +179,7 @@ def json_values(hostile: bool):
 
 
 def _avoid_known_bugs(row: dict) -> dict:
-    """Drop the values that trigger a known bug (each pinned by an xfail below) from a row."""
+    """Drop the values that triggered the fixed bugs (each kept as a regression case below) from a row."""
     row = dict(row)
     for column in FLOAT_COLUMNS:
         if type(row.get(column)) is int and abs(row[column]) >= 2**1024:
@@ -266,7 +267,6 @@ def _with_known_triggers(test):
     return test
 
 
-@pytest.mark.xfail(strict=True, reason="known load_manifest crashes; see test_known_manifest_crashes")
 @fuzz(100)
 @given(lines=st.lists(jsonl_lines(hostile=True), max_size=5), newline=st.sampled_from(["\n", "\r\n"]),
        skip_invalid=st.booleans())
@@ -329,7 +329,6 @@ def test_structured_csv(scratch, text, skip_invalid):
     check_load(write(scratch, "rows.csv", text.encode("utf-8")), skip_invalid)
 
 
-@pytest.mark.xfail(strict=True, reason="known load_manifest crashes; see test_known_manifest_crashes")
 @fuzz(100)
 @given(text=csv_text(hostile=True), skip_invalid=st.booleans())
 @example(text="prompt,model\np,~nosuchuser\n", skip_invalid=False)
@@ -341,7 +340,7 @@ def test_structured_csv_whole_space(scratch, text, skip_invalid):
 # --- known manifest bugs, one minimal input each -----------------------------------------
 
 def _bug(data: str, name: str, reason: str):
-    return pytest.param(data, name, marks=pytest.mark.xfail(strict=True, reason=reason), id=reason.split(":")[0])
+    return pytest.param(data, name, id=reason.split(":")[0])
 
 
 KNOWN_MANIFEST_BUGS = [
@@ -377,8 +376,6 @@ def test_known_manifest_crashes(tmp_path, data, name):
     check_error(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="lone-surrogate: JSON '\\ud800' is accepted into prompt/id/extra; writing "
-                   "it later fails (checkpoint.py sync: UnicodeEncodeError, PNG iTXt, EXIF, metadata.jsonl)")
 @pytest.mark.parametrize("row", ['{"prompt": "a \\ud800 b"}', '{"id": "\\udfff", "prompt": "p"}',
                                  '{"prompt": "p", "label": "\\ud800"}', '{"prompt": "p", "\\ud800": 1}'])
 def test_lone_surrogate_is_a_manifest_error(tmp_path, row):
@@ -388,9 +385,6 @@ def test_lone_surrogate_is_a_manifest_error(tmp_path, row):
     check_error(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="num_images-2.0: manifest.py _image_count parses only int(str(x)), so "
-                   "num_images 2.0 / 2e0 / '2.0' / '2.' count as 1 image and the collision of 'a-0' with row a's "
-                   "second file name goes unnoticed (validate_row accepts them as 2)")
 @pytest.mark.parametrize("count", ["2.0", "2e0", '"2.0"', '"2."'])
 def test_file_name_collision_with_float_num_images(tmp_path, count):
     path = write(tmp_path, "m.jsonl",
@@ -536,7 +530,7 @@ def _garbage_case(name: str):
 
 def _known_cli_bug(file_name: str, data: str, reason: str):
     return pytest.param(file_name, lambda tmp: data.encode(), id=reason.split(":")[0],
-                        marks=pytest.mark.xfail(strict=True, reason=reason))
+                        )
 
 
 KNOWN_CLI_BUGS = [
@@ -573,9 +567,6 @@ def test_garbage_manifest_exits_2(tmp_path, capsys, command, file_name, build):
     assert not [p for p in (out / "images").glob("*") if p.is_file()]
 
 
-@pytest.mark.xfail(strict=True, reason="jpg-long-prompt: writer.py save_image raises ValueError('EXIF data is too "
-                   "long') for parameters over ~32 K characters (JPEG APP1 is capped at 64 KB); ImageWriter._write "
-                   "catches only OSError, so `run --format jpg` dies with a traceback")
 def test_jpg_with_a_very_long_prompt_does_not_crash_the_run(tmp_path, capsys):
     manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "long", "prompt": "fox " * 10_000}])
     out = tmp_path / "out"
