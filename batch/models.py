@@ -226,6 +226,8 @@ class PipelineFamily:
             pipe = self.txt2img
             if pipe.image_encoder is not None and pipe.feature_extractor is not None:
                 self.clip_vision = (pipe.image_encoder, pipe.feature_extractor)
+            elif self.model == "sd15-random":
+                self.clip_vision = _random_clip_vision(self.options)
             else:
                 self.clip_vision = _load_clip_vision(pipe, self.options)
         return self.clip_vision
@@ -328,6 +330,11 @@ def _place(pipe, options: LoadOptions) -> None:
     if options.vae_tiling:
         pipe.vae.enable_tiling()
     if options.compile:
+        if options.device.startswith("cuda"):  # convolutions prefer NHWC on tensor cores
+            import torch
+
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
         # Regional compilation: the repeated transformer blocks compile once and are reused,
         # a fraction of a whole-UNet compile's time for most of its speed-up.
         pipe.unet.compile_repeated_blocks(fullgraph=True)
@@ -443,6 +450,18 @@ def _attach_ip_image_encoder(family: PipelineFamily, repo: str, subfolder: str) 
         encoder = CLIPVisionModelWithProjection.from_pretrained(repo, subfolder=folder, dtype=_torch_dtype(family.dtype), **kwargs)
     pipe = family.image_prompt
     pipe.register_modules(image_encoder=encoder.to(family.device), feature_extractor=CLIPImageProcessor())
+
+
+def _random_clip_vision(options: LoadOptions):
+    """CLIP ViT-L/14's architecture with random weights, for sd15-random's clip_embed rows."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    with torch.device(options.device):
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig.from_pretrained(SD15_CONFIGS / "image_encoder"))
+    processor = CLIPImageProcessor.from_pretrained(SD15_CONFIGS / "feature_extractor")
+    return encoder.to(dtype=_torch_dtype(options.dtype)).eval(), processor
 
 
 def _load_clip_vision(pipe, options: LoadOptions):

@@ -291,7 +291,8 @@ def _run_group(group: Group, tally: GroupTally, family, conditioner, config: Run
         for planned in group.batches:
             stop.check()  # a safe point: everything before it is written or queued
             for batch in _at_most(planned, tally.working_batch_size):
-                made, failures = _make(batch, family, conditioner, tally)
+                bucket = (tally.working_batch_size or len(group.batches[0].tasks)) if config.compile else None
+                made, failures = _make(batch, family, conditioner, tally, pad_to=bucket)
                 for task, image, seconds, notes in made:
                     writer.submit(task, image, context=(group.name, batch.index, seconds), notes=notes)
                 checkpoint.commit([Outcome(task, ok=False, error=error, group=group.name, batch=batch.index)
@@ -307,13 +308,19 @@ def _run_group(group: Group, tally: GroupTally, family, conditioner, config: Run
             tally.peak_vram_bytes = torch.cuda.max_memory_allocated()
 
 
-def _make(batch: Batch, family, conditioner, tally: GroupTally):
+def _make(batch: Batch, family, conditioner, tally: GroupTally, pad_to: int | None = None):
     """Generate a batch; a failing batch is retried in halves down to single images.
 
+    `pad_to`: with a compiled UNet, a short last batch is padded (its last image repeated,
+    the copies thrown away) so the compiled shapes stay static and nothing recompiles.
     Returns ([(task, image, seconds, notes)], [(task, error)]).
     """
+    size = len(batch.tasks)
     try:
-        output = generate_batch(family, conditioner, batch)
+        padded = batch
+        if pad_to and size < pad_to:
+            padded = Batch(batch.index, batch.tasks + (batch.tasks[-1],) * (pad_to - size))
+        output = generate_batch(family, conditioner, padded)
     except KeyboardInterrupt:
         raise
     except Exception as e:  # one bad job must not stop the night: record it, go on
@@ -339,10 +346,10 @@ def _make(batch: Batch, family, conditioner, tally: GroupTally):
     tally.stages.encode_s += output.encode_s
     tally.stages.denoise_s += output.denoise_s
     tally.stages.decode_s += output.decode_s
-    share = output.seconds / len(batch.tasks)
+    share = output.seconds / size
     made = [(task, image, share, output.notes.get(i)) for i, (task, image) in enumerate(zip(batch.tasks, output.images))
             if i not in output.errors]
-    return made, [(batch.tasks[i], error) for i, error in output.errors.items()]
+    return made, [(batch.tasks[i], error) for i, error in output.errors.items() if i < size]
 
 
 def _is_oom(error: Exception) -> bool:
@@ -397,8 +404,10 @@ def run_settings(config: RunConfig, device: str, dtype: str, manifest: Manifest)
     import transformers
 
     gpu_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
+    # report.html draws each group's peak VRAM against this
+    gpu_total = torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else None
     return {
-        "model": config.model, "device": device, "gpu_name": gpu_name, "dtype": dtype,
+        "model": config.model, "device": device, "gpu_name": gpu_name, "gpu_total_bytes": gpu_total, "dtype": dtype,
         "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
         "sdbatch": __version__, "python": platform.python_version(),
         "batch_size": config.batch_size or "auto", "compile": config.compile,
