@@ -253,7 +253,7 @@ def load_family(model: str, options: LoadOptions) -> PipelineFamily:
     import torch
 
     quiet_libraries()
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    from diffusers import StableDiffusionImg2ImgPipeline
 
     check_options(options)
     source = resolve_model(model)

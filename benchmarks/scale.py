@@ -144,9 +144,9 @@ Python {platform.python_version()}, torch {torch.__version__}.
 | resume over {done:,} done images, same command (a killed run): first new image | <= 60 s | {resumes[True][0]:.1f} s (peak RSS {resumes[True][1] / 2**30:.2f} GB) |
 | resume over {done:,} done images, edited manifest (every row validated again): first new image | (<= 60 s) | {resumes[False][0]:.1f} s (peak RSS {resumes[False][1] / 2**30:.2f} GB) |
 
-Each resumed run then made the {PENDING} remaining images and rebuilt metadata.jsonl and the
-reports from the checkpoint ({resumes[True][3]:.1f} s and {resumes[False][3]:.1f} s wall in all; exit {resumes[True][2]}
-and {resumes[False][2]}). A rerun of the same command skips the rows its checkpoint holds finished
+Each resumed run then made the {PENDING} remaining images (report `wall_s` {resumes[True][3]:.1f} s and
+{resumes[False][3]:.1f} s, which stops before metadata.jsonl and the reports are rebuilt from the
+checkpoint; exit {resumes[True][2]} and {resumes[False][2]}). A rerun of the same command skips the rows its checkpoint holds finished
 without parsing them (same manifest bytes and settings); after an edit every row is read and
 validated again and each image's key compared.
 """

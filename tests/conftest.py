@@ -70,3 +70,52 @@ def mixed_manifest(images_dir: Path) -> Path:
 
 def cli(*args) -> int:
     return run_cli([str(a) for a in args])
+
+
+# --- runs in a child process (to kill, interrupt or race them) --------------------------------
+
+# Slow enough per image (more steps) that a kill lands mid-run; small enough to stay fast.
+SLOW = ["--model", "tiny", "--device", "cpu", "--steps", "12", "--width", "64", "--height", "64"]
+
+
+def numbered_manifest(folder: Path, count: int = 16) -> Path:
+    """`count` rows, one of them with 2 images: count + 1 images."""
+    rows = [{"id": f"img{i:02d}", "prompt": f"a picture of thing {i % 5}", "seed": 100 + i} for i in range(count)]
+    rows[3]["num_images"] = 2
+    return write_jsonl(folder / "m.jsonl", rows)
+
+
+def start_run(manifest: Path, out: Path, *options: str):
+    """`run_batch.py MANIFEST *options --out OUT --quiet` as a child process (text pipes)."""
+    import subprocess
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, str(REPO / "run_batch.py"), str(manifest), *options, "--out", str(out),
+                             "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def done_count(out: Path) -> int:
+    """Done images in a (possibly running) output folder's checkpoint."""
+    import sqlite3
+
+    try:
+        db = sqlite3.connect(f"file:{out / 'checkpoint.sqlite'}?mode=ro", uri=True, timeout=5)
+        try:
+            return db.execute("SELECT COUNT(*) FROM images WHERE status = 'done'").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return 0
+
+
+def wait_for_done(proc, out: Path, at_least: int, timeout: float = 120) -> int:
+    """Poll until `at_least` images are done or the process ends; returns the count."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = done_count(out)
+        if done >= at_least:
+            return done
+        time.sleep(0.02)
+    return done_count(out)

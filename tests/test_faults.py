@@ -8,49 +8,19 @@ import random
 import re
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import FAST, REPO, cli, pixels, read_metadata, write_jsonl
+from conftest import (FAST, SLOW, cli, done_count, numbered_manifest, pixels, read_metadata, start_run, wait_for_done,
+                      write_jsonl)
 
-SLOW = ["--model", "tiny", "--device", "cpu", "--steps", "12", "--width", "64", "--height", "64", "--batch-size", "2"]
+SLOW2 = [*SLOW, "--batch-size", "2"]
 KILLS = int(os.environ.get("SDBATCH_KILLS", "4"))  # more with SDBATCH_KILLS=50
 
 
-def _manifest(tmp_path, count=16):
-    rows = [{"id": f"img{i:02d}", "prompt": f"a picture of thing {i % 5}", "seed": 100 + i} for i in range(count)]
-    rows[3]["num_images"] = 2
-    return write_jsonl(tmp_path / "m.jsonl", rows)
-
-
 def _start(manifest, out, *extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, str(REPO / "run_batch.py"), str(manifest), *SLOW, "--out", str(out),
-                             "--quiet", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _done(out) -> int:
-    try:
-        db = sqlite3.connect(f"file:{out / 'checkpoint.sqlite'}?mode=ro", uri=True, timeout=5)
-        try:
-            return db.execute("SELECT COUNT(*) FROM images WHERE status = 'done'").fetchone()[0]
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return 0
-
-
-def _wait_done(proc, out, at_least, timeout=120) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        done = _done(out)
-        if done >= at_least:
-            return done
-        time.sleep(0.02)
-    return _done(out)
+    return start_run(manifest, out, *SLOW2, *extra)
 
 
 def _assert_complete_and_equal(out, reference, total=17):
@@ -66,29 +36,29 @@ def _assert_complete_and_equal(out, reference, total=17):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
-    manifest = _manifest(folder)
-    assert cli(manifest, *SLOW, "--out", folder / "out", "--quiet") == 0
+    manifest = numbered_manifest(folder)
+    assert cli(manifest, *SLOW2, "--out", folder / "out", "--quiet") == 0
     return folder / "out"
 
 
 def test_killed_at_random_moments_then_finished(tmp_path, reference):
-    manifest = _manifest(tmp_path)
+    manifest = numbered_manifest(tmp_path)
     out = tmp_path / "out"
     rng = random.Random(int(os.environ.get("SDBATCH_KILL_SEED", "0")))
     kills = 0
     for _ in range(KILLS):
-        if _done(out) >= 15:
+        if done_count(out) >= 15:
             break
         proc = _start(manifest, out)
         # Kill at a random moment: during start-up, model load, generation or a write.
-        _wait_done(proc, out, _done(out) + rng.randint(0, 3))
+        wait_for_done(proc, out, done_count(out) + rng.randint(0, 3))
         time.sleep(rng.uniform(0, 0.4))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
     assert kills >= 1
-    assert cli(manifest, *SLOW, "--out", out, "--quiet") == 0
+    assert cli(manifest, *SLOW2, "--out", out, "--quiet") == 0
     _assert_complete_and_equal(out, reference)
     # Work redone: images generated (logged per batch in run.log) beyond the 17 needed.
     generated = sum(int(n) for n in re.findall(r"batch \d+: (\d+) generated", (out / "run.log").read_text()))
@@ -97,50 +67,50 @@ def test_killed_at_random_moments_then_finished(tmp_path, reference):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupt_stops_cleanly_and_rerun_finishes(tmp_path, reference, sig):
-    manifest = _manifest(tmp_path)
+    manifest = numbered_manifest(tmp_path)
     out = tmp_path / "out"
     proc = _start(manifest, out)
-    assert _wait_done(proc, out, 2) >= 2
+    assert wait_for_done(proc, out, 2) >= 2
     assert proc.poll() is None, "finished before the signal"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "run the same command again to resume" in err and "Traceback" not in err
-    done = _done(out)
+    done = done_count(out)
     assert 2 <= done < 17
     assert len(read_metadata(out)) == done  # outputs were flushed and rebuilt before exiting
     report = json.loads((out / "report.json").read_text())
     assert report["totals"]["interrupted"] is True
-    assert cli(manifest, *SLOW, "--out", out, "--quiet") == 0
+    assert cli(manifest, *SLOW2, "--out", out, "--quiet") == 0
     _assert_complete_and_equal(out, reference)
 
 
 def test_second_interrupt_stops_at_once_without_damage(tmp_path, reference):
-    manifest = _manifest(tmp_path)
+    manifest = numbered_manifest(tmp_path)
     out = tmp_path / "out"
     proc = _start(manifest, out)
-    assert _wait_done(proc, out, 2) >= 2
+    assert wait_for_done(proc, out, 2) >= 2
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "stopping now" in err
-    assert cli(manifest, *SLOW, "--out", out, "--quiet") == 0
+    assert cli(manifest, *SLOW2, "--out", out, "--quiet") == 0
     _assert_complete_and_equal(out, reference)
 
 
 def test_busy_folder_exits_2_and_a_stale_lock_is_taken_over(tmp_path, capsys):
-    manifest = _manifest(tmp_path)
+    manifest = numbered_manifest(tmp_path)
     out = tmp_path / "out"
     proc = _start(manifest, out)
-    assert _wait_done(proc, out, 1) >= 1 and proc.poll() is None
-    assert cli(manifest, *SLOW, "--out", out, "--quiet") == 2
+    assert wait_for_done(proc, out, 1) >= 1 and proc.poll() is None
+    assert cli(manifest, *SLOW2, "--out", out, "--quiet") == 2
     err = capsys.readouterr().err
     assert f"pid {proc.pid}" in err and "in use by another sdbatch run" in err and "Traceback" not in err
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (out / ".sdbatch.lock").exists()  # left behind by the killed run
-    assert cli(manifest, *SLOW, "--out", out, "--quiet") == 0
+    assert cli(manifest, *SLOW2, "--out", out, "--quiet") == 0
     assert f"took over a stale lock left by pid {proc.pid}" in (out / "run.log").read_text()
 
 

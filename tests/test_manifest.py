@@ -312,7 +312,7 @@ def test_relative_image_paths_resolve_against_manifest_folder(tmp_path, monkeypa
     (folder / "imgs").mkdir(parents=True)
     make_image(folder / "imgs" / "init.png")
     make_image(folder / "imgs" / "ref.png", (0, 0, 255))
-    path = write_jsonl(folder / "m.jsonl", [
+    write_jsonl(folder / "m.jsonl", [
         {"id": "i", "prompt": "x", "init_image": "imgs/init.png"},
         {"id": "p", "prompt_image": "imgs/ref.png", "image_prompt_method": "clip_embed"},
     ])

@@ -120,8 +120,6 @@ def test_options_that_need_a_gpu_say_so(tmp_path, capsys):
 
 
 def test_nan_guard_redecodes_in_fp32(tmp_path, monkeypatch):
-    import torch
-
     import batch.generate as generate
 
     real = generate._vae_decode

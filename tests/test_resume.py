@@ -2,52 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import sqlite3
-import subprocess
-import sys
-import time
 
 import numpy as np
-from conftest import REPO, cli, pixels, read_metadata, write_jsonl
-
-# Slow enough per image (more steps) that a kill lands mid-run; small enough to stay fast.
-SLOW = ["--model", "tiny", "--device", "cpu", "--steps", "12", "--width", "64", "--height", "64"]
-
-
-def _manifest(tmp_path, count=16):
-    rows = [{"id": f"img{i:02d}", "prompt": f"a picture of thing {i % 5}", "seed": 100 + i} for i in range(count)]
-    rows[3]["num_images"] = 2
-    return write_jsonl(tmp_path / "m.jsonl", rows)
-
-
-def _start(manifest, out, *extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, str(REPO / "run_batch.py"), str(manifest), *SLOW, "--out", str(out),
-                             "--quiet", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def _done(out) -> int:
-    try:
-        db = sqlite3.connect(f"file:{out / 'checkpoint.sqlite'}?mode=ro", uri=True, timeout=5)
-        try:
-            return db.execute("SELECT COUNT(*) FROM images WHERE status = 'done'").fetchone()[0]
-        finally:
-            db.close()
-    except sqlite3.Error:
-        return 0
-
-
-def _wait_for_done(proc, out, at_least: int, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = _done(out)
-        if done >= at_least or proc.poll() is not None:
-            return done
-        time.sleep(0.02)
-    raise AssertionError("run made no progress")
-
+from conftest import SLOW, cli, done_count, numbered_manifest, pixels, read_metadata, start_run, wait_for_done, write_jsonl
 
 def _status(out, capsys) -> dict:
     capsys.readouterr()
@@ -56,19 +14,19 @@ def _status(out, capsys) -> dict:
 
 
 def test_sigkill_then_rerun_finishes_with_identical_images(tmp_path, capsys):
-    manifest = _manifest(tmp_path)
+    manifest = numbered_manifest(tmp_path)
     reference = tmp_path / "reference"
     assert cli(manifest, *SLOW, "--out", reference, "--quiet", "--batch-size", "2") == 0
 
     out = tmp_path / "killed"
-    proc = _start(manifest, out, "--batch-size", "2")
-    seen = _wait_for_done(proc, out, at_least=3)
+    proc = start_run(manifest, out, *SLOW, "--batch-size", "2")
+    seen = wait_for_done(proc, out, at_least=3)
     assert proc.poll() is None, "the run finished before it could be killed"
     status = _status(out, capsys)  # read while the run writes
     assert status["total"] == 17 and status["done"] >= seen and status["done"] + status["pending"] + status["failed"] == 17
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_at_kill = _done(out)
+    done_at_kill = done_count(out)
     assert 3 <= done_at_kill < 17
 
     assert cli(manifest, *SLOW, "--out", out, "--quiet", "--batch-size", "2") == 0
