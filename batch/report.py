@@ -1,4 +1,4 @@
-"""report.json, report.csv and report.md, built from the checkpoint alone (so `report OUT` can rebuild them)."""
+"""report.json, report.csv, report.md and report.html, built from the checkpoint alone (so `report OUT` can rebuild them)."""
 from __future__ import annotations
 
 import csv
@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+from . import html_report
 from .checkpoint import Checkpoint
 from .writer import write_text_atomic
 
@@ -52,6 +53,7 @@ def write_reports(out: Path, checkpoint: Checkpoint) -> dict:
     write_text_atomic(out / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     write_text_atomic(out / "report.csv", _csv(checkpoint))
     write_text_atomic(out / "report.md", markdown(report))
+    write_text_atomic(out / "report.html", html_report.render(report, checkpoint, out))
     return report
 
 
