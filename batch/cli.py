@@ -12,7 +12,7 @@ from .config import DEFAULT_MODEL, Defaults, RunConfig
 from .errors import BatchError
 from .schedulers import SCHEDULERS
 
-COMMANDS = ("run", "validate", "status", "report")
+COMMANDS = ("run", "validate", "status", "report", "compare")
 
 EXAMPLES = """\
 examples:
@@ -110,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="rebuild report.json/.csv/.md (and metadata.jsonl, failed.jsonl) from the checkpoint")
     report.add_argument("out", type=Path)
+
+    compare = commands.add_parser(
+        "compare", help="compare two report.json files (nightly runs); exit 1 on a regression",
+        description="Per group (model, mode, width, height): images/s, s/image p50/p95, peak VRAM and failures. "
+        "Exit 0 when no matched group's images/s drops, or its peak VRAM grows, by more than --max-regression "
+        "percent; 1 when one does; 2 on bad input. Groups on one side only are listed, not counted.")
+    compare.add_argument("old", type=Path, help="the reference: a report.json or an output folder holding one")
+    compare.add_argument("new", type=Path, help="the run to judge: a report.json or an output folder holding one")
+    compare.add_argument("--max-regression", type=_percent, default=10.0, metavar="PCT",
+                         help="allowed throughput drop / peak VRAM growth, in percent [10]")
+    compare.add_argument("--format", default="md", choices=["md", "json"], help="markdown (for a CI comment) or JSON [md]")
     return parser
 
 
@@ -289,6 +300,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _percent(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a percentage >= 0, got {text}")
+    return value
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare, load_report, to_json, to_markdown
+
+    result = compare(load_report(args.old), load_report(args.new), args.max_regression)
+    if args.format == "json":
+        print(json.dumps(to_json(result), indent=2, ensure_ascii=False))
+    else:
+        print(to_markdown(result, str(args.old), str(args.new)))
+    return 0 if result.ok else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     sys.exit(run_cli(argv))
 
@@ -307,7 +336,8 @@ def run_cli(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     _setup_logging(getattr(args, "quiet", False))
-    handler = {"run": cmd_run, "validate": cmd_validate, "status": cmd_status, "report": cmd_report}[args.command]
+    handler = {"run": cmd_run, "validate": cmd_validate, "status": cmd_status, "report": cmd_report,
+               "compare": cmd_compare}[args.command]
     try:
         return handler(args)
     except BatchError as e:
