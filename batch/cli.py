@@ -12,7 +12,7 @@ from .config import DEFAULT_MODEL, Defaults, RunConfig
 from .errors import BatchError
 from .schedulers import SCHEDULERS
 
-COMMANDS = ("run", "validate", "status", "report", "compare")
+COMMANDS = ("run", "validate", "status", "report", "compare", "bench")
 
 EXAMPLES = """\
 examples:
@@ -121,6 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--max-regression", type=_percent, default=10.0, metavar="PCT",
                          help="allowed throughput drop / peak VRAM growth, in percent [10]")
     compare.add_argument("--format", default="md", choices=["md", "json"], help="markdown (for a CI comment) or JSON [md]")
+
+    bench = commands.add_parser(
+        "bench", help="sdbatch side by side with a naive diffusers loop on a synthetic manifest",
+        description="Runs, one after another in this process on the same device: `naive` (from_pretrained "
+        "pipelines, a second one for img2img rows, one call per row), `sdbatch` (the runner, default settings) "
+        "and with --compile `sdbatch-compile`. Writes DIR/bench.json and DIR/bench.md.",
+        epilog="example: sdbatch bench --model sd15-random --device cuda --images 256 --width 512 --height 512 "
+        "--steps 20 --mix txt2img --compile --out reports/bench-h100")
+    bench.add_argument("--model", default="sd15-random", help="[sd15-random]")
+    bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
+    bench.add_argument("--images", type=_positive_int, default=64, help="[64]")
+    bench.add_argument("--width", type=int, default=512, help="[512]")
+    bench.add_argument("--height", type=int, default=512, help="[512]")
+    bench.add_argument("--steps", type=_positive_int, default=20, help="[20]")
+    bench.add_argument("--cfg", type=float, default=7.5, help="[7.5]")
+    bench.add_argument("--mix", default="txt2img", choices=["txt2img", "mixed"],
+                       help="txt2img, or a third each of txt2img, img2img and image_prompt, shuffled [txt2img]")
+    bench.add_argument("--batch-size", type=_positive_int, default=None, help="sdbatch's batch size [auto]")
+    bench.add_argument("--compile", action="store_true", help="add the sdbatch-compile variant")
+    bench.add_argument("--out", type=Path, required=True, help="folder for bench.json, bench.md and the images")
     return parser
 
 
@@ -296,7 +316,7 @@ def cmd_report(args) -> int:
     checkpoint = Checkpoint(path)
     finish_outputs(args.out, checkpoint)
     checkpoint.close()
-    print(f"wrote {args.out / 'report.json'}, report.csv, report.md")
+    print(f"wrote {args.out / 'report.json'}, report.csv, report.md, report.html")
     return 0
 
 
@@ -305,6 +325,18 @@ def _percent(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a percentage >= 0, got {text}")
     return value
+
+
+def cmd_bench(args) -> int:
+    from .bench import Settings, bench
+
+    if args.width % 8 or args.height % 8 or args.width < 8 or args.height < 8:
+        raise BatchError(f"--width and --height must be positive multiples of 8, got {args.width}x{args.height}")
+    settings = Settings(model=args.model, device=args.device, images=args.images, width=args.width, height=args.height,
+                        steps=args.steps, cfg=args.cfg, mix=args.mix, batch_size=args.batch_size, compile=args.compile)
+    bench(settings, args.out)
+    print((args.out / "bench.md").read_text())
+    return 0
 
 
 def cmd_compare(args) -> int:
@@ -337,7 +369,7 @@ def run_cli(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(getattr(args, "quiet", False))
     handler = {"run": cmd_run, "validate": cmd_validate, "status": cmd_status, "report": cmd_report,
-               "compare": cmd_compare}[args.command]
+               "compare": cmd_compare, "bench": cmd_bench}[args.command]
     try:
         return handler(args)
     except BatchError as e:
