@@ -197,18 +197,13 @@ class Checkpoint:
 
         A resume of an unchanged manifest skips these rows without reading them again.
         """
-        lines: dict[int, bool] = {}
-        images = 0
+        lines: dict[int, list] = {}  # line -> [every image done with its file, image count]
         for ord_, status, file in self.db.execute("SELECT ord, status, file FROM images"):
-            line = ord_ // 100_000
-            ok = status == "done" and file in existing_files
-            lines[line] = lines.get(line, True) and ok
-            images += ok
-        finished = frozenset(line for line, ok in lines.items() if ok)
-        if len(finished) != len(lines):  # count only images of fully finished lines
-            images = sum(1 for ord_, in self.db.execute("SELECT ord FROM images WHERE status = 'done'")
-                         if ord_ // 100_000 in finished)
-        return finished, images
+            entry = lines.setdefault(ord_ // 100_000, [True, 0])
+            entry[0] = entry[0] and status == "done" and file in existing_files
+            entry[1] += 1
+        finished = frozenset(line for line, (ok, _) in lines.items() if ok)
+        return finished, sum(count for ok, count in lines.values() if ok)
 
     def counts(self) -> Counts:
         total, done, failed = self.db.execute(

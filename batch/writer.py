@@ -185,11 +185,12 @@ class ImageWriter:
     def _write(self, task: ImageTask, image, context, notes: dict | None) -> Written:
         started = time.perf_counter()
         name = f"{task.stem}.{self.fmt}"
+        model = task.job.model or self.model
         try:
-            save_image(image, self.folder / name, self.fmt, infotext(task, task.job.model or self.model), task.key)
+            save_image(image, self.folder / name, self.fmt, infotext(task, model), task.key)
         except Exception as e:  # a full disk, a permission, an encoder refusing: this image fails, the run goes on
             return Written(task, None, None, f"write failed: {type(e).__name__}: {e}", time.perf_counter() - started, context)
-        meta = image_metadata(task, task.job.model or self.model, name)
+        meta = image_metadata(task, model, name)
         meta.update(notes or {})
         return Written(task, name, meta, None, time.perf_counter() - started, context)
 

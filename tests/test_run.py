@@ -88,6 +88,10 @@ def test_missing_file_is_regenerated(tmp_path):
     assert cli(manifest, *FAST, "--out", out, "--quiet") == 0
     assert np.abs(pixels(out / "images" / "b.png") - original).max() <= 2
     assert len(read_metadata(out)) == 2
+    # Same manifest, same settings: the finished row was not even read again, the other was remade.
+    assert "1 finished rows not read again" in (out / "run.log").read_text()
+    totals = json.loads((out / "report.json").read_text())["totals"]
+    assert (totals["skipped_from_checkpoint"], totals["generated"], totals["jobs"]) == (1, 1, 2)
 
 
 def test_failed_job_is_recorded_and_retried(tmp_path, monkeypatch):
