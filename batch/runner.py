@@ -123,8 +123,6 @@ def run(config: RunConfig) -> RunResult:
     fingerprint = _resume_fingerprint(config, defaults, dtype, data)
     finished, finished_images = _finished_lines(Path(config.out), fingerprint)
     manifest = load_manifest(config.manifest, defaults, config.seed, config.skip_invalid, data, finished)
-    if finished:
-        log.info("the manifest and settings are those of the last run: %d finished rows not read again", len(finished))
     jobs = manifest.jobs[: config.limit] if config.limit else manifest.jobs
     options = load_options(config, device, dtype)
     check_options(options)
@@ -140,7 +138,8 @@ def run(config: RunConfig) -> RunResult:
     try:
         with FolderLock(out), GracefulStop() as stop:
             return _run_locked(config, manifest, jobs, tasks, options, out, stop, started,
-                               {"resume_fingerprint": fingerprint, "finished_images": finished_images})
+                               {"resume_fingerprint": fingerprint, "finished_images": finished_images,
+                                "finished_rows": len(finished)})
     finally:
         logging.getLogger("batch").removeHandler(file_log)
         file_log.close()
@@ -174,6 +173,9 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
                 stop: GracefulStop, started: float, resume: dict) -> RunResult:
     """Steps 2-4 of `run`, with the folder locked."""
     images_dir = out / "images"
+    if resume["finished_rows"]:
+        log.info("the manifest and settings are those of the last run: %d finished rows not read again",
+                 resume["finished_rows"])
     removed = remove_temp_files(images_dir)
     if removed:
         log.info("removed %d partial file(s) left by an interrupted run", removed)
