@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS groups (
 """
 
 
+_FILE_COLUMNS = ('"init_image"', '"prompt_image"', '"lora"')
+
+
 @dataclass(frozen=True)
 class Counts:
     total: int
@@ -116,11 +119,13 @@ class Checkpoint:
         return self.run
 
     def sync(self, tasks: list[ImageTask], existing_files: set[str], retry_failed: bool, fresh: bool,
-             max_attempts: int = 3) -> SyncResult:
+             max_attempts: int = 3, fmt: str = "png", complete: bool = False) -> SyncResult:
         """Register this run's images; return those still to make.
 
-        Done images with the same key whose file is still there are skipped; a changed key
-        (the row's parameters changed) makes the image pending again.
+        Done images with the same key whose file (same name, same format) is still there are
+        skipped; a changed key (the row's parameters changed) makes the image pending again.
+        `complete`: `tasks` is the whole manifest, so rows of ids it no longer has are forgotten
+        (their files stay on disk but leave metadata.jsonl, the counts and failed.jsonl).
         """
         if fresh:
             self.db.execute("DELETE FROM images")
@@ -130,7 +135,7 @@ class Checkpoint:
         for task in tasks:
             old = known.get((task.job.id, task.k))
             if old and old[0] == task.key:
-                if old[1] == "done" and old[2] in existing_files:
+                if old[1] == "done" and old[2] == f"{task.stem}.{fmt}" and old[2] in existing_files:
                     skipped += 1
                     continue
                 if old[1] == "failed" and (not retry_failed or old[3] >= max_attempts):
@@ -149,17 +154,26 @@ class Checkpoint:
         )
         # Rows left pending by an earlier run that this run does not plan are forgotten.
         self.db.execute("DELETE FROM images WHERE status = 'pending' AND run IS NOT ?", (self.run,))
+        if complete:
+            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS wanted (id TEXT, k INTEGER, PRIMARY KEY (id, k))")
+            self.db.execute("DELETE FROM wanted")
+            self.db.executemany("INSERT OR IGNORE INTO wanted VALUES (?, ?)", ((t.job.id, t.k) for t in tasks))
+            self.db.execute("DELETE FROM images WHERE NOT EXISTS "
+                            "(SELECT 1 FROM wanted w WHERE w.id = images.id AND w.k = images.k)")
         self.db.commit()
         return SyncResult(todo=todo, skipped=skipped, failed_kept=failed_kept)
 
-    def record_invalid(self, rows: list[tuple[str, int, str, str]]) -> None:
-        """Rows rejected under --skip-invalid: (id, line, row JSON, error) recorded as failed."""
+    def record_invalid(self, rows: list[tuple[int, str, str]]) -> None:
+        """Rows rejected under --skip-invalid: (line, row JSON, error) recorded as failed.
+
+        They are keyed by line, not id: a duplicate id must not overwrite the valid row's image.
+        """
         self.db.executemany(
             """INSERT INTO images (id, k, ord, key, status, attempts, error, row, run, updated_at)
                VALUES (?, 0, ?, 'invalid', 'failed', 1, ?, ?, ?, ?)
                ON CONFLICT (id, k) DO UPDATE SET status = 'failed', key = 'invalid', error = excluded.error,
                  row = excluded.row, run = excluded.run, updated_at = excluded.updated_at""",
-            [(i, line * 100_000, error, row, self.run, time.time()) for i, line, row, error in rows],
+            [(f"invalid-line-{line}", line * 100_000, error, row, self.run, time.time()) for line, row, error in rows],
         )
         self.db.commit()
 
@@ -186,6 +200,17 @@ class Checkpoint:
             self.db.execute("INSERT OR REPLACE INTO groups (run, idx, stats) VALUES (?, ?, ?)",
                             (self.run, index, json.dumps(stats)))
 
+    def set_fingerprint(self, fingerprint: str | None) -> None:
+        """Mark this run as one whose finished rows a rerun of the same command may skip.
+
+        Set only after `sync` has registered the manifest: a run killed before that point
+        must not vouch for rows it never compared.
+        """
+        settings = json.loads(self.db.execute("SELECT settings FROM runs WHERE run = ?", (self.run,)).fetchone()[0])
+        settings["resume_fingerprint"] = fingerprint
+        with self.db:
+            self.db.execute("UPDATE runs SET settings = ? WHERE run = ?", (json.dumps(settings), self.run))
+
     def finish_run(self, totals: dict) -> None:
         with self.db:
             self.db.execute("UPDATE runs SET totals = ? WHERE run = ?", (json.dumps(totals), self.run))
@@ -198,9 +223,11 @@ class Checkpoint:
         A resume of an unchanged manifest skips these rows without reading them again.
         """
         lines: dict[int, list] = {}  # line -> [every image done with its file, image count]
-        for ord_, status, file in self.db.execute("SELECT ord, status, file FROM images"):
+        for ord_, status, file, row in self.db.execute("SELECT ord, status, file, row FROM images"):
             entry = lines.setdefault(ord_ // 100_000, [True, 0])
-            entry[0] = entry[0] and status == "done" and file in existing_files
+            # Rows naming image or LoRA files are checked again: the files may have changed.
+            entry[0] = (entry[0] and status == "done" and file in existing_files
+                        and not any(name in (row or "") for name in _FILE_COLUMNS))
             entry[1] += 1
         finished = frozenset(line for line, (ok, _) in lines.items() if ok)
         return finished, sum(count for ok, count in lines.values() if ok)

@@ -60,7 +60,7 @@ class Conditioner:
         missing = list(dict.fromkeys(t for t in texts if t not in self.text_cache))
         if missing:
             pipe = self.family.txt2img
-            embeds, _ = pipe.encode_prompt(missing, pipe.device, 1, False)
+            embeds, _ = pipe.encode_prompt(missing, pipe._execution_device, 1, False)  # GPU even when offloaded
             for text, embed in zip(missing, embeds):
                 self.text_cache.put(text, embed)
         return torch.stack([self.text_cache[t] for t in texts])

@@ -77,6 +77,12 @@ def resolve_model(name: str) -> ModelSource:
             raise ModelError(f"{path} is not a diffusers model folder (no model_index.json)")
         return ModelSource(name, "folder", str(path.resolve()))
     if _HUB_ID.match(name):
+        if _offline():
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(name, "model_index.json"), str):
+                raise ModelError(f"model '{name}' is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+                                 "download it once online (or point --model at a local folder or file)")
         return ModelSource(name, "hub", name)
     raise ModelError(f"model '{name}' is neither an existing folder or checkpoint file nor a hub id like 'org/name'")
 
@@ -145,6 +151,7 @@ class PipelineFamily:
     image_prompt: object
     load_s: float
     schedulers: dict = field(default_factory=dict)
+    base_scheduler_config: dict | None = None  # the model's own: every scheduler is built from it
     loras: dict = field(default_factory=dict)  # reference -> adapter name, loaded once per run
     active_lora: tuple | None = None  # (reference, scale) now applied
     ip_adapter: dict | None = None  # the adapter's state dict, kept to re-attach without disk I/O
@@ -168,8 +175,12 @@ class PipelineFamily:
 
     def use_scheduler(self, name: str) -> None:
         """Switch every view to the named scheduler; built once per name, no weights touched."""
+        if self.base_scheduler_config is None:
+            self.base_scheduler_config = dict(self.txt2img.scheduler.config)
         if name not in self.schedulers:
-            self.schedulers[name] = build_scheduler(name, self.txt2img.scheduler.config)
+            # From the model's config, never the previous scheduler's: options such as karras
+            # sigmas must not leak from one batch's scheduler into the next.
+            self.schedulers[name] = build_scheduler(name, self.base_scheduler_config)
         for pipe in self.views():
             pipe.scheduler = self.schedulers[name]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import FILE_NAME, Checkpoint, Counts, Outcome
 from .config import RunConfig
+from .errors import ModelError
 from .estimate import group_estimate
 from .generate import Conditioner, generate_batch, warm_up
 from .interrupt import GracefulStop, StopRequested
@@ -147,7 +148,7 @@ def run(config: RunConfig) -> RunResult:
 
 def _resume_fingerprint(config: RunConfig, defaults, dtype: str, data: bytes) -> str | None:
     """What must be equal for a rerun to trust the last run's finished rows without re-reading them."""
-    if config.fresh or config.limit:
+    if config.fresh or config.limit or config.skip_invalid:  # a partial or lenient run vouches for nothing
         return None
     settings = json.dumps([dataclasses.asdict(defaults), config.seed, config.skip_invalid, dtype], sort_keys=True)
     return hashlib.sha256(data + settings.encode()).hexdigest()
@@ -181,12 +182,13 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
         log.info("removed %d partial file(s) left by an interrupted run", removed)
     checkpoint = Checkpoint(out / FILE_NAME)
     settings = run_settings(config, options.device, options.dtype, manifest)
-    checkpoint.start_run({**settings, "resume_fingerprint": resume["resume_fingerprint"]})
+    checkpoint.start_run({**settings, "resume_fingerprint": None})
     write_text_atomic(out / "run.json", json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
     existing = {entry.name for entry in os.scandir(images_dir)}
-    synced = checkpoint.sync(tasks, existing, config.retry_failed, config.fresh, config.max_attempts)
+    synced = checkpoint.sync(tasks, existing, config.retry_failed, config.fresh, config.max_attempts, config.format,
+                             complete=not config.limit and not resume["finished_rows"])
     synced = dataclasses.replace(synced, skipped=synced.skipped + resume["finished_images"])
-    adopted = [] if config.fresh else adopt_written(synced.todo, images_dir, config.model)
+    adopted = [] if config.fresh else adopt_written(synced.todo, images_dir, config.model, config.format)
     if adopted:
         checkpoint.commit(adopted)
         log.info("adopted %d image(s) written by an interrupted run before it could record them", len(adopted))
@@ -194,8 +196,9 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
         synced = dataclasses.replace(synced, todo=[t for t in synced.todo if (t.job.id, t.k) not in done],
                                      skipped=synced.skipped + len(adopted))
     if manifest.invalid:
-        checkpoint.record_invalid([(str(raw.get("id") or f"row-{line}"), line, json.dumps(raw, ensure_ascii=False, default=str),
+        checkpoint.record_invalid([(line, json.dumps(raw, ensure_ascii=False, default=str),
                                     "; ".join(str(e) for e in errors)) for line, raw, errors in manifest.invalid])
+    checkpoint.set_fingerprint(resume["resume_fingerprint"])
     plan = make_plan(synced.todo, config.model, config.batch_size, options.device)
     log.info("%d jobs: %d images to make in %d batches, %d done earlier, %d failed earlier (not retried)",
              len(jobs) + manifest.skipped_rows, plan.images, plan.batches, synced.skipped, synced.failed_kept)
@@ -255,7 +258,16 @@ def execute(plan: Plan, config: RunConfig, options: LoadOptions, out: Path, chec
         try:
             for model in plan.models():
                 stop.check()
-                family = load_family(model, options)
+                try:
+                    family = load_family(model, options)
+                except (ModelError, OSError, ValueError) as e:  # this model's rows fail; other models go on
+                    log.error("cannot load %s: %s", model, e)
+                    for group in (g for g in plan.groups if g.model == model):
+                        tasks = [t for b in group.batches for t in b.tasks]
+                        checkpoint.commit([Outcome(t, ok=False, error=f"model did not load: {e}", group=group.name)
+                                           for t in tasks])
+                        progress.advance(len(tasks))
+                    continue
                 conditioner = Conditioner(family)
                 load_s = family.load_s
                 for group in (g for g in plan.groups if g.model == model):
@@ -287,7 +299,13 @@ def _run_group(group: Group, tally: GroupTally, family, conditioner, config: Run
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     if cuda or config.compile:  # first calls pick kernels (and compile): keep that out of the timings
-        tally.warmup_s = warm_up(family, conditioner, group.batches[0])
+        started = time.perf_counter()
+        try:
+            warm_up(family, conditioner, group.batches[0])
+        except Exception as e:  # the real batch will meet the same problem and handle it per job
+            log.warning("warm-up of %s failed (%s: %s); going on without it", group.name, type(e).__name__, e)
+            _free_cuda(device)
+        tally.warmup_s = time.perf_counter() - started
     started = time.perf_counter()
     try:
         for planned in group.batches:

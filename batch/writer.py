@@ -209,7 +209,7 @@ class ImageWriter:
         return results
 
 
-def adopt_written(tasks: list[ImageTask], folder: Path, model: str) -> list:
+def adopt_written(tasks: list[ImageTask], folder: Path, model: str, fmt: str = "png") -> list:
     """Images a killed run finished writing but did not record: their PNG carries the same key.
 
     Reading a PNG's text chunks does not decode its pixels, so this is cheap; only files
@@ -220,6 +220,8 @@ def adopt_written(tasks: list[ImageTask], folder: Path, model: str) -> list:
     from .checkpoint import Outcome
 
     adopted = []
+    if fmt != "png":  # only PNGs carry the key
+        return adopted
     for task in tasks:
         path = folder / f"{task.stem}.png"
         if not path.exists():
