@@ -195,9 +195,12 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
         done = {(o.task.job.id, o.task.k) for o in adopted}
         synced = dataclasses.replace(synced, todo=[t for t in synced.todo if (t.job.id, t.k) not in done],
                                      skipped=synced.skipped + len(adopted))
-    if manifest.invalid:
+    # With --limit, invalid rows past the last planned row are not this run's business.
+    last_line = jobs[-1].line if config.limit and jobs else None
+    invalid = [item for item in manifest.invalid if last_line is None or item[0] <= last_line]
+    if invalid:
         checkpoint.record_invalid([(line, json.dumps(raw, ensure_ascii=False, default=str),
-                                    "; ".join(str(e) for e in errors)) for line, raw, errors in manifest.invalid])
+                                    "; ".join(str(e) for e in errors)) for line, raw, errors in invalid])
     checkpoint.set_fingerprint(resume["resume_fingerprint"])
     plan = make_plan(synced.todo, config.model, config.batch_size, options.device)
     log.info("%d jobs: %d images to make in %d batches, %d done earlier, %d failed earlier (not retried)",

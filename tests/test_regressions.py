@@ -82,3 +82,12 @@ def test_a_model_that_fails_to_load_fails_only_its_rows(tmp_path, monkeypatch):
     (failed,) = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
     assert failed["id"] == "t2" and "weights are corrupt" in failed["error"]
     assert (out / "report.html").exists()
+
+
+def test_limit_leaves_invalid_rows_beyond_it_alone(tmp_path):
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"},
+                                                   {"id": "bad", "prompt": "z", "steps": 0}])
+    out = tmp_path / "out"
+    assert cli(manifest, *FAST, "--out", out, "--quiet", "--skip-invalid", "--limit", "2") == 0
+    assert not (out / "failed.jsonl").exists() or not (out / "failed.jsonl").read_text().strip()
+    assert cli(manifest, *FAST, "--out", out, "--quiet", "--skip-invalid") == 1  # without the limit it counts
