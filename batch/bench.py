@@ -15,10 +15,12 @@ import json
 import logging
 import platform
 import random
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from .generate import _sync
+from .runner import percentile
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +83,6 @@ def synthetic_manifest(folder: Path, s: Settings) -> Path:
     return path
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
 def _reset_peak(device: str) -> None:
     import torch
 
@@ -107,10 +102,7 @@ def _peak(device: str) -> int | None:
 
 def _percentiles(times: list[float]) -> tuple[float, float]:
     times = sorted(times)
-    if len(times) == 1:
-        return times[0], times[0]
-    q = statistics.quantiles(times, n=100, method="inclusive")
-    return q[49], q[94]
+    return percentile(times, 50), percentile(times, 95)
 
 
 def run_naive(manifest: Path, s: Settings, dtype: str, out: Path) -> Variant:

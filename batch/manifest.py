@@ -17,6 +17,7 @@ from pathlib import Path
 from .config import Defaults
 from .errors import ManifestError, RowError
 from .job import IMAGE_PROMPT_METHODS, MODES, Job
+from .models import HUB_ID, PRESETS
 from .schedulers import SCHEDULERS
 
 COLUMNS = (
@@ -346,8 +347,6 @@ class _ImageChecker:
         return hashlib.sha256(data).hexdigest(), None
 
 
-_HUB_ID = re.compile(r"[\w.\-]{1,96}/[\w.\-]{1,96}")
-PRESETS = {"model": ("tiny", "sd15-random")}
 _LOOKS_LOCAL = re.compile(r"^(\.|~|/|[A-Za-z]:\\)|\.(safetensors|ckpt|pt|bin)$")
 
 
@@ -364,7 +363,7 @@ def _reference(row: _Row, column: str, folder: Path) -> str | None:
     if _LOOKS_LOCAL.search(value):
         row.error(column, value, f"not found: {candidate} (relative paths resolve against the manifest's folder)")
         return None
-    if value in PRESETS.get(column, ()) or _HUB_ID.fullmatch(value):
+    if (column == "model" and value in PRESETS) or HUB_ID.fullmatch(value):
         return value  # resolved (and, offline, looked up in the cache) when the model loads
     row.error(column, value, "neither an existing path (relative to the manifest's folder) nor a hub id like 'org/name'")
     return None

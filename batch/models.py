@@ -27,7 +27,8 @@ TINY_IP_ADAPTER = MODELS_DIR / "tiny-ip-adapter" / "ip-adapter_tiny.safetensors"
 SD15_IP_ADAPTER = "h94/IP-Adapter/models/ip-adapter_sd15.safetensors"
 CLIP_VISION = "openai/clip-vit-large-patch14"  # SD 1.5's text encoder family; 768-d projection
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-_HUB_ID = re.compile(r"^[\w.\-]+/[\w.\-]+$")
+HUB_ID = re.compile(r"[\w.\-]{1,96}/[\w.\-]{1,96}")  # org/name, as the Hub allows them
+PRESETS = ("tiny", "sd15-random")  # model names that are not paths or hub ids
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 OFFLOAD = ("none", "model", "sequential")
 
@@ -76,7 +77,7 @@ def resolve_model(name: str) -> ModelSource:
         if not (path / "model_index.json").exists():
             raise ModelError(f"{path} is not a diffusers model folder (no model_index.json)")
         return ModelSource(name, "folder", str(path.resolve()))
-    if _HUB_ID.match(name):
+    if HUB_ID.fullmatch(name):
         if _offline():
             from huggingface_hub import try_to_load_from_cache
 

@@ -87,8 +87,8 @@ class GroupTally:
             "working_batch_size": self.working_batch_size or max(len(b.tasks) for b in g.batches),
             "load_s": round(self.load_s, 4), "warmup_s": round(self.warmup_s, 4), "wall_s": round(self.wall_s, 4),
             "images_per_s": round(made / self.wall_s, 4) if self.wall_s > 0 else 0.0,
-            "s_per_image_p50": round(_percentile(times, 50), 4) if times else None,
-            "s_per_image_p95": round(_percentile(times, 95), 4) if times else None,
+            "s_per_image_p50": round(percentile(times, 50), 4) if times else None,
+            "s_per_image_p95": round(percentile(times, 95), 4) if times else None,
             "peak_vram_bytes": self.peak_vram_bytes,
             "vram_estimate_bytes": self.vram_estimate_bytes,
             "freed_before_bytes": self.freed_before_bytes,
@@ -96,7 +96,8 @@ class GroupTally:
         }
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
+def percentile(sorted_values: list[float], q: float) -> float:
+    """The q-th percentile of already sorted values (inclusive method)."""
     if len(sorted_values) == 1:
         return sorted_values[0]
     return statistics.quantiles(sorted_values, n=100, method="inclusive")[int(q) - 1]
@@ -122,7 +123,8 @@ def run(config: RunConfig) -> RunResult:
     dtype = resolve_dtype(config.dtype, device)
     data = read_bytes(Path(config.manifest))
     fingerprint = _resume_fingerprint(config, defaults, dtype, data)
-    finished, finished_images = _finished_lines(Path(config.out), fingerprint)
+    existing = _image_files(Path(config.out) / "images")
+    finished, finished_images = _finished_lines(Path(config.out), fingerprint, existing)
     manifest = load_manifest(config.manifest, defaults, config.seed, config.skip_invalid, data, finished)
     jobs = manifest.jobs[: config.limit] if config.limit else manifest.jobs
     options = load_options(config, device, dtype)
@@ -140,7 +142,7 @@ def run(config: RunConfig) -> RunResult:
         with FolderLock(out), GracefulStop() as stop:
             return _run_locked(config, manifest, jobs, tasks, options, out, stop, started,
                                {"resume_fingerprint": fingerprint, "finished_images": finished_images,
-                                "finished_rows": len(finished)})
+                                "finished_rows": len(finished), "existing": existing})
     finally:
         logging.getLogger("batch").removeHandler(file_log)
         file_log.close()
@@ -150,11 +152,16 @@ def _resume_fingerprint(config: RunConfig, defaults, dtype: str, data: bytes) ->
     """What must be equal for a rerun to trust the last run's finished rows without re-reading them."""
     if config.fresh or config.limit or config.skip_invalid:  # a partial or lenient run vouches for nothing
         return None
-    settings = json.dumps([dataclasses.asdict(defaults), config.seed, config.skip_invalid, dtype], sort_keys=True)
+    settings = json.dumps([dataclasses.asdict(defaults), config.seed, dtype], sort_keys=True)
     return hashlib.sha256(data + settings.encode()).hexdigest()
 
 
-def _finished_lines(out: Path, fingerprint: str | None) -> tuple[frozenset, int]:
+def _image_files(folder: Path) -> set[str]:
+    """Names in the images folder, listed once per run (a million entries take a second or two)."""
+    return {entry.name for entry in os.scandir(folder)} if folder.is_dir() else set()
+
+
+def _finished_lines(out: Path, fingerprint: str | None, existing: set[str]) -> tuple[frozenset, int]:
     """Rows the last run of this same manifest and settings finished (files present), and their images."""
     path = out / FILE_NAME
     if fingerprint is None or not path.exists():
@@ -164,7 +171,6 @@ def _finished_lines(out: Path, fingerprint: str | None) -> tuple[frozenset, int]
         last = checkpoint.last_run()
         if last is None or last[1].get("resume_fingerprint") != fingerprint:
             return frozenset(), 0
-        existing = {entry.name for entry in os.scandir(out / "images")} if (out / "images").is_dir() else set()
         return checkpoint.finished_lines(existing)
     finally:
         checkpoint.close()
@@ -184,11 +190,11 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
     settings = run_settings(config, options.device, options.dtype, manifest)
     checkpoint.start_run({**settings, "resume_fingerprint": None})
     write_text_atomic(out / "run.json", json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
-    existing = {entry.name for entry in os.scandir(images_dir)}
-    synced = checkpoint.sync(tasks, existing, config.retry_failed, config.fresh, config.max_attempts, config.format,
+    # Listed before the lock was taken; temp files removed since never match an image name.
+    synced = checkpoint.sync(tasks, resume["existing"], config.retry_failed, config.fresh, config.max_attempts, config.format,
                              complete=not config.limit and not resume["finished_rows"])
     synced = dataclasses.replace(synced, skipped=synced.skipped + resume["finished_images"])
-    adopted = [] if config.fresh else adopt_written(synced.todo, images_dir, config.model, config.format)
+    adopted = [] if config.fresh else adopt_written(synced.todo, images_dir, resume["existing"], config.model, config.format)
     if adopted:
         checkpoint.commit(adopted)
         log.info("adopted %d image(s) written by an interrupted run before it could record them", len(adopted))

@@ -209,11 +209,12 @@ class ImageWriter:
         return results
 
 
-def adopt_written(tasks: list[ImageTask], folder: Path, model: str, fmt: str = "png") -> list:
+def adopt_written(tasks: list[ImageTask], folder: Path, existing: set[str], model: str, fmt: str = "png") -> list:
     """Images a killed run finished writing but did not record: their PNG carries the same key.
 
-    Reading a PNG's text chunks does not decode its pixels, so this is cheap; only files
-    whose key matches are adopted, anything else is made again.
+    Only files in `existing` (the folder's listing) are opened, so a fresh million-row run
+    costs no stat calls; reading a PNG's text chunks does not decode its pixels. Files whose
+    key matches are adopted, anything else is made again.
     """
     from PIL import Image
 
@@ -223,9 +224,9 @@ def adopt_written(tasks: list[ImageTask], folder: Path, model: str, fmt: str = "
     if fmt != "png":  # only PNGs carry the key
         return adopted
     for task in tasks:
-        path = folder / f"{task.stem}.png"
-        if not path.exists():
+        if f"{task.stem}.png" not in existing:
             continue
+        path = folder / f"{task.stem}.png"
         try:
             with Image.open(path) as image:
                 key = image.text.get(KEY_CHUNK)
@@ -237,18 +238,14 @@ def adopt_written(tasks: list[ImageTask], folder: Path, model: str, fmt: str = "
     return adopted
 
 
-def write_metadata(out: Path, lines) -> int:
+def write_metadata(out: Path, lines) -> None:
     """images/metadata.jsonl from the checkpoint's done images: each image exactly once."""
-    count = 0
 
     def write(f):
-        nonlocal count
         for line in lines:
             f.write(line.encode("utf-8") + b"\n")
-            count += 1
 
     write_atomic(out / "images" / "metadata.jsonl", write)
-    return count
 
 
 def write_failed(out: Path, failed: list[tuple[str, str, str, int]]) -> int:
