@@ -31,6 +31,8 @@ class BatchOutput:
 
 
 class _LRU(OrderedDict):
+    """A bounded cache; `take` marks an entry as just used, so the least recently used goes first."""
+
     def __init__(self, size: int):
         super().__init__()
         self.size = size
@@ -40,6 +42,24 @@ class _LRU(OrderedDict):
         self.move_to_end(key)
         while len(self) > self.size:
             self.popitem(last=False)
+
+    def take(self, keys, compute) -> dict:
+        """{key: value} for every key, computing the missing ones with `compute(list)` in one call.
+
+        The answer is built before anything is evicted: putting one batch's new entries must
+        never push out an entry the same batch still needs (a batch may even hold more
+        distinct keys than the cache).
+        """
+        keys = list(dict.fromkeys(keys))
+        found = {key: self[key] for key in keys if key in self}
+        for key in found:
+            self.move_to_end(key)
+        missing = [key for key in keys if key not in found]
+        if missing:
+            found.update(zip(missing, compute(missing)))
+            for key in missing:
+                self.put(key, found[key])
+        return found
 
 
 class Conditioner:
@@ -57,13 +77,13 @@ class Conditioner:
     def text(self, texts: list[str]):
         import torch
 
-        missing = list(dict.fromkeys(t for t in texts if t not in self.text_cache))
-        if missing:
+        def encode(missing: list[str]):
             pipe = self.family.txt2img
             embeds, _ = pipe.encode_prompt(missing, pipe._execution_device, 1, False)  # GPU even when offloaded
-            for text, embed in zip(missing, embeds):
-                self.text_cache.put(text, embed)
-        return torch.stack([self.text_cache[t] for t in texts])
+            return list(embeds)
+
+        embeds = self.text_cache.take(texts, encode)
+        return torch.stack([embeds[t] for t in texts])
 
     def _pictures(self, jobs, cache) -> list:
         """The distinct prompt images of `jobs` not yet in `cache`: [(sha, RGB image)]."""
@@ -75,15 +95,17 @@ class Conditioner:
         import torch
 
         encoder, processor = self.family.clip_vision_encoder()
-        pictures = self._pictures(jobs, self.image_cache)
-        if pictures:
-            pixels = processor(images=[p for _, p in pictures], return_tensors="pt").pixel_values
-            embeds = encoder(pixels.to(encoder.device, encoder.dtype)).image_embeds
-            for (sha, _), embed in zip(pictures, embeds):
-                self.image_cache.put(sha, embed)
+        paths = {j.prompt_image_sha: j.prompt_image for j in jobs}
+
+        def encode(shas: list[str]):
+            pictures = [read_rgb(paths[sha], "prompt_image") for sha in shas]
+            pixels = processor(images=pictures, return_tensors="pt").pixel_values
+            return list(encoder(pixels.to(encoder.device, encoder.dtype)).image_embeds)
+
+        embeds = self.image_cache.take([j.prompt_image_sha for j in jobs], encode)
         pipe = self.family.image_prompt
         length = pipe.tokenizer.model_max_length
-        stacked = torch.stack([self.image_cache[j.prompt_image_sha] for j in jobs])
+        stacked = torch.stack([embeds[j.prompt_image_sha] for j in jobs])
         return stacked.unsqueeze(1).expand(-1, length, -1).to(pipe.unet.dtype)
 
     def ip_embeds(self, jobs, guidance: bool) -> list:
@@ -112,11 +134,12 @@ def _sync(device: str) -> None:
 
 def read_rgb(path: str, column: str):
     """An RGB image from disk; a file that stopped decoding since validation names itself."""
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as picture:
-            return picture.convert("RGB")
+            # As diffusers' load_image: a phone JPEG's EXIF orientation is applied, not ignored.
+            return ImageOps.exif_transpose(picture).convert("RGB")
     except Exception as e:  # PIL raises many types for damaged files
         raise ValueError(f"cannot read {column} {path}: {type(e).__name__}: {e}") from e
 
