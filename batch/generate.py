@@ -10,6 +10,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from . import devices
 from .models import PipelineFamily
 from .plan import Batch
 
@@ -74,6 +75,11 @@ class Conditioner:
         self.image_cache = _LRU(cache_size)
         self.ip_cache = _LRU(cache_size)
 
+    def clear(self) -> None:
+        """Drop every cached embedding (they live on the model's device)."""
+        for cache in (self.text_cache, self.image_cache, self.ip_cache):
+            cache.clear()
+
     def text(self, texts: list[str]):
         import torch
 
@@ -85,24 +91,22 @@ class Conditioner:
         embeds = self.text_cache.take(texts, encode)
         return torch.stack([embeds[t] for t in texts])
 
-    def _pictures(self, jobs, cache) -> list:
-        """The distinct prompt images of `jobs` not yet in `cache`: [(sha, RGB image)]."""
-        missing = list(dict.fromkeys((j.prompt_image_sha, j.prompt_image) for j in jobs if j.prompt_image_sha not in cache))
-        return [(sha, read_rgb(path, "prompt_image")) for sha, path in missing]
+    def _by_picture(self, jobs, cache: _LRU, encode) -> dict:
+        """{prompt image sha: encode(its RGB image)} for the jobs' prompt images, each encoded once."""
+        paths = {j.prompt_image_sha: j.prompt_image for j in jobs}
+        return cache.take(list(paths), lambda shas: encode([read_rgb(paths[sha], "prompt_image") for sha in shas]))
 
     def clip_embeds(self, jobs):
         """clip_embed: the CLIP image embedding, repeated over the token sequence, as prompt embeddings."""
         import torch
 
         encoder, processor = self.family.clip_vision_encoder()
-        paths = {j.prompt_image_sha: j.prompt_image for j in jobs}
 
-        def encode(shas: list[str]):
-            pictures = [read_rgb(paths[sha], "prompt_image") for sha in shas]
+        def encode(pictures: list) -> list:
             pixels = processor(images=pictures, return_tensors="pt").pixel_values
             return list(encoder(pixels.to(encoder.device, encoder.dtype)).image_embeds)
 
-        embeds = self.image_cache.take([j.prompt_image_sha for j in jobs], encode)
+        embeds = self._by_picture(jobs, self.image_cache, encode)
         pipe = self.family.image_prompt
         length = pipe.tokenizer.model_max_length
         stacked = torch.stack([embeds[j.prompt_image_sha] for j in jobs])
@@ -110,26 +114,29 @@ class Conditioner:
 
     def ip_embeds(self, jobs, guidance: bool) -> list:
         """ip_adapter: image embeddings per prompt image (computed once each), laid out as
-        `ip_adapter_image_embeds` expects: [negatives; positives] under guidance."""
+        `ip_adapter_image_embeds` expects: [negatives; positives] under guidance.
+
+        A plain IP-Adapter takes the pooled embedding; Plus and full-face take the image
+        encoder's penultimate hidden states (one per image token), as diffusers'
+        `prepare_ip_adapter_image_embeds` decides from the attached projection layer.
+        """
         import torch
+        from diffusers.models.embeddings import ImageProjection
 
         pipe = self.family.image_prompt
-        cache = self.ip_cache
-        for sha, picture in self._pictures(jobs, cache):
-            positive, negative = pipe.encode_image(picture, pipe._execution_device, 1)
-            cache.put(sha, (positive, negative))
-        positive = torch.stack([cache[j.prompt_image_sha][0] for j in jobs])
+        hidden = not isinstance(pipe.unet.encoder_hid_proj.image_projection_layers[0], ImageProjection)
+
+        def encode(pictures: list) -> list:
+            return [pipe.encode_image(picture, pipe._execution_device, 1, output_hidden_states=hidden)
+                    for picture in pictures]
+
+        # Keyed by image alone: a family (and its Conditioner) has one adapter, so one kind.
+        embeds = self._by_picture(jobs, self.ip_cache, encode)
+        positive = torch.stack([embeds[j.prompt_image_sha][0] for j in jobs])
         if not guidance:
             return [positive]
-        negative = torch.stack([cache[j.prompt_image_sha][1] for j in jobs])
+        negative = torch.stack([embeds[j.prompt_image_sha][1] for j in jobs])
         return [torch.cat([negative, positive])]
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()  # a CPU-GPU sync point: only at stage boundaries, for honest timings
 
 
 def read_rgb(path: str, column: str):
@@ -182,7 +189,7 @@ def generate_batch(family: PipelineFamily, conditioner: Conditioner, batch: Batc
             positive = conditioner.text([t.job.prompt for t in tasks])
         if ip_adapter:
             options["ip_adapter_image_embeds"] = conditioner.ip_embeds([t.job for t in tasks], guidance)
-    _sync(family.device)
+    devices.synchronize(family.device)
     encoded = time.perf_counter()
 
     # 2. Denoising loop, inside the pipeline; latents out
@@ -197,12 +204,12 @@ def generate_batch(family: PipelineFamily, conditioner: Conditioner, batch: Batc
     else:
         options.update(width=job.width, height=job.height)
     latents = pipe(**options).images
-    _sync(family.device)
+    devices.synchronize(family.device)
     denoised = time.perf_counter()
 
     # 3. Decode, with the fp16 overflow guard
     images, errors, notes = decode(pipe, latents, safety_checker=family.options.safety_checker)
-    _sync(family.device)
+    devices.synchronize(family.device)
     decoded = time.perf_counter()
     return BatchOutput(images, encoded - started, denoised - encoded, decoded - denoised, errors, notes)
 

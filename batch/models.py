@@ -7,7 +7,6 @@ between batches; nothing is reloaded from disk.
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import logging
 import os
@@ -16,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import devices
 from .errors import BatchError, ModelError
 from .schedulers import build_scheduler
 
@@ -93,10 +93,13 @@ def resolve_device(name: str) -> str:
 
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BatchError(f"--device {name}: no CUDA device is available here (use --device cpu)")
     if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
         raise BatchError(f"--device {name}: use auto, cpu, cuda or cuda:N")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BatchError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise BatchError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return name
 
 
@@ -246,24 +249,16 @@ class PipelineFamily:
 
     def unload(self) -> int | None:
         """Drop the modules so the next model has the memory; returns the bytes freed (CUDA) if known."""
-        import torch
-
-        cuda = self.device.startswith("cuda")
-        before = torch.cuda.memory_allocated() if cuda else None
+        before = devices.allocated(self.device)
         self.txt2img = self.img2img = self.image_prompt = None
         self.schedulers.clear()
         self.ip_adapter = self.clip_vision = self.ip_image_encoder = None
-        gc.collect()
-        if not cuda:
-            return None
-        torch.cuda.empty_cache()
-        return before - torch.cuda.memory_allocated()
+        devices.free_cache(self.device)
+        return None if before is None else before - devices.allocated(self.device)
 
 
 def load_family(model: str, options: LoadOptions) -> PipelineFamily:
     """Load the model's modules once and build the txt2img, img2img and image-prompt views."""
-    import torch
-
     quiet_libraries()
     from diffusers import StableDiffusionImg2ImgPipeline
 
@@ -280,8 +275,7 @@ def load_family(model: str, options: LoadOptions) -> PipelineFamily:
     )
     for view in family.views():
         view.set_progress_bar_config(disable=True)
-    if options.device.startswith("cuda"):
-        torch.cuda.synchronize()
+    devices.synchronize(options.device)
     family.load_s = time.perf_counter() - started
     log.info("loaded %s (%s) on %s, %s, in %.1fs", model, source.kind, options.device, options.dtype, family.load_s)
     return family
@@ -436,18 +430,43 @@ def _load_ip_adapter_weights(family: PipelineFamily) -> dict:
         else:
             file = hf_hub_download(repo, weight, subfolder=subfolder or None, local_files_only=_offline())
         flat = load_state_dict(str(file))
+        if "image_proj" in flat:  # .bin files hold the nested layout already
+            nested = flat
+        else:
+            nested = {"image_proj": {}, "ip_adapter": {}}
+            for key, value in flat.items():
+                head, _, rest = key.partition(".")
+                if head in nested:
+                    nested[head][rest] = value
+        _check_ip_adapter_kind(nested["image_proj"], "/".join(p for p in (repo, subfolder, weight) if p))
         if pipe.image_encoder is None:
             _attach_ip_image_encoder(family, repo, subfolder)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load IP-Adapter {repo}/{subfolder}/{weight}: {str(e).splitlines()[0]}") from None
-    if "image_proj" in flat:  # .bin files hold the nested layout already
-        return flat
-    nested = {"image_proj": {}, "ip_adapter": {}}
-    for key, value in flat.items():
-        head, _, rest = key.partition(".")
-        if head in nested:
-            nested[head][rest] = value
     return nested
+
+
+def _check_ip_adapter_kind(image_proj: dict, source: str) -> None:
+    """Refuse, by name, the IP-Adapter kinds whose image embeddings nothing here computes.
+
+    The keys are told apart as diffusers' `_convert_ip_adapter_image_proj_to_diffusers` does.
+    Plain (`proj`), Plus (`latents`) and full-face (`proj.3`) take CLIP image embeddings or
+    hidden states; FaceID (`norm` without `proj`) and FaceID Plus (`perceiver_resampler`)
+    take InsightFace face-identity embeddings.
+    """
+    if "perceiver_resampler.proj_in.weight" in image_proj:
+        kind = "FaceID Plus"
+    elif "norm.weight" in image_proj and "proj.weight" not in image_proj:
+        kind = "FaceID"
+    elif {"proj.weight", "latents", "proj.3.weight"} & image_proj.keys():
+        return  # plain, Plus, full-face
+    else:
+        found = ", ".join(sorted(image_proj)[:6]) or "none"
+        raise ModelError(f"IP-Adapter {source}: not an IP-Adapter diffusers can read (image_proj keys: {found}); "
+                         "expected plain, Plus or full-face weights")
+    raise ModelError(f"IP-Adapter {source} is an IP-Adapter {kind}, which is not supported: it needs InsightFace "
+                     "face-identity embeddings, not the CLIP image embeddings computed here; use a plain, Plus "
+                     "or full-face adapter (e.g. ip-adapter-plus-face_sd15.safetensors)")
 
 
 def _attach_ip_image_encoder(family: PipelineFamily, repo: str, subfolder: str) -> None:

@@ -32,8 +32,9 @@ class Group:
 
     @property
     def name(self) -> str:
+        """Unique within a plan: report.csv's `group` and the checkpoint tell groups apart by it."""
         lora = f"+{self.lora}" if self.lora else ""
-        return f"{self.mode} {self.width}x{self.height}{lora}"
+        return f"{self.model} {self.mode} {self.width}x{self.height}{lora}"
 
     @property
     def images(self) -> int:

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
+from . import __version__, devices
 from .checkpoint import FILE_NAME, Checkpoint, Counts, Outcome
 from .config import RunConfig
 from .errors import ModelError
@@ -45,6 +45,15 @@ class RunResult:
         if self.interrupted:
             return EXIT_INTERRUPTED
         return EXIT_FAILED if self.counts.failed else EXIT_OK
+
+
+@dataclass
+class Execution:
+    """What generating the plan left: per-group tallies, whether it was stopped, device memory seen."""
+
+    tallies: list[GroupTally]
+    interrupted: bool
+    device_used_bytes: int | None  # the most the whole device held with a model loaded (CUDA)
 
 
 @dataclass
@@ -213,7 +222,8 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
              len(jobs) + manifest.skipped_rows, plan.images, plan.batches, synced.skipped, synced.failed_kept)
 
     # 3. Generate, writing as we go
-    tallies, interrupted = execute(plan, config, options, out, checkpoint, stop)
+    execution = execute(plan, config, options, out, checkpoint, stop)
+    tallies, interrupted = execution.tallies, execution.interrupted
 
     # 4. Folder-level outputs, rebuilt from the checkpoint
     generated = sum(len(t.per_image_s) for t in tallies)
@@ -226,7 +236,7 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
         "wall_s": round(time.perf_counter() - started, 4),
         "generate_s": round(sum(t.wall_s for t in tallies), 4),
         "peak_vram_bytes": max(vram) if vram else None,
-        "device_used_bytes": _device_used_bytes(options.device),
+        "device_used_bytes": execution.device_used_bytes,
         "peak_rss_bytes": peak_rss_bytes(), "interrupted": interrupted,
         "stages": {k: round(v, 4) for k, v in vars(stages).items()},
     })
@@ -255,65 +265,76 @@ def load_options(config: RunConfig, device: str, dtype: str) -> LoadOptions:
 
 
 def execute(plan: Plan, config: RunConfig, options: LoadOptions, out: Path, checkpoint: Checkpoint,
-            stop: GracefulStop):
-    """Generate every batch of the plan; returns per-group tallies and whether it was interrupted."""
+            stop: GracefulStop) -> Execution:
+    """Generate every batch of the plan, one model at a time."""
     # The writer holds at most one batch: a kill loses at most one batch of finished images.
     largest = max((len(b.tasks) for g in plan.groups for b in g.batches), default=1)
     writer = ImageWriter(out / "images", config.format, config.model, config.writer_threads, max_pending=largest)
-    tallies: list[GroupTally] = []
-    interrupted = False
+    execution = Execution([], False, None)
+    devices.activate(options.device)  # the CUDA context and every default allocation on the run's GPU
     freed = None
     with Progress(plan.images, quiet=config.quiet) as progress:
         try:
             for model in plan.models():
                 stop.check()
-                try:
-                    family = load_family(model, options)
-                except (ModelError, OSError, ValueError) as e:  # this model's rows fail; other models go on
-                    log.error("cannot load %s: %s", model, e)
-                    for group in (g for g in plan.groups if g.model == model):
-                        tasks = [t for b in group.batches for t in b.tasks]
-                        checkpoint.commit([Outcome(t, ok=False, error=f"model did not load: {e}", group=group.name)
-                                           for t in tasks])
-                        progress.advance(len(tasks))
+                groups = [g for g in plan.groups if g.model == model]
+                family = _load_or_fail(model, options, groups, checkpoint, progress)
+                if family is None:
                     continue
                 conditioner = Conditioner(family)
                 load_s = family.load_s
-                for group in (g for g in plan.groups if g.model == model):
+                for group in groups:
                     tally = GroupTally(group, load_s=load_s, freed_before_bytes=freed,
                                        vram_estimate_bytes=group_estimate(group, options).total_bytes)
                     load_s, freed = 0.0, None  # the load is charged to the model's first group
-                    tallies.append(tally)
+                    execution.tallies.append(tally)
                     progress.set_group(group.name)
                     _run_group(group, tally, family, conditioner, config, options.device, writer, checkpoint, progress, stop)
-                    checkpoint.save_group(len(tallies) - 1, tally.as_dict())
+                    checkpoint.save_group(len(execution.tallies) - 1, tally.as_dict())
+                # Read while the model is loaded: after the unload it would show an empty device.
+                used = devices.used_bytes(options.device)
+                if used is not None:
+                    execution.device_used_bytes = max(used, execution.device_used_bytes or 0)
+                # The embedding caches live on the device too: drop them before the next model loads.
+                conditioner.clear()
                 freed = family.unload()
+                del conditioner, family
                 if freed is not None:
                     log.info("freed %.2f GB of GPU memory held by %s", freed / 2**30, model)
         except (KeyboardInterrupt, StopRequested):
-            interrupted = True
+            execution.interrupted = True
             log.warning("interrupted: the images already made are recorded; run the same command again to resume")
         finally:
-            _commit_written(writer.close(), checkpoint, tallies)
-            if tallies:
-                checkpoint.save_group(len(tallies) - 1, tallies[-1].as_dict())
-    return tallies, interrupted
+            _commit_written(writer.close(), checkpoint)
+            if execution.tallies:
+                checkpoint.save_group(len(execution.tallies) - 1, execution.tallies[-1].as_dict())
+    return execution
+
+
+def _load_or_fail(model: str, options: LoadOptions, groups: list[Group], checkpoint: Checkpoint, progress: Progress):
+    """The model's pipeline family; if it does not load, its rows fail (with why) and the run goes on."""
+    try:
+        return load_family(model, options)
+    except Exception as e:  # any load failure (missing file, bad config, CUDA out of memory...) is this model's alone
+        message = f"{type(e).__name__}: {e}" if not isinstance(e, ModelError) else str(e)
+        log.error("cannot load %s: %s", model, message)
+        log.debug("traceback of that failure:", exc_info=True)  # run.log only
+    devices.free_cache(options.device)  # whatever the failed load left behind
+    for group in groups:
+        tasks = [t for b in group.batches for t in b.tasks]
+        checkpoint.commit([Outcome(t, ok=False, error=f"model did not load: {message}", group=group.name)
+                           for t in tasks])
+        progress.advance(len(tasks))
+    return None
 
 
 def _run_group(group: Group, tally: GroupTally, family, conditioner, config: RunConfig, device: str,
                writer: ImageWriter, checkpoint: Checkpoint, progress: Progress, stop: GracefulStop) -> None:
-    import torch
-
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    if cuda or config.compile:  # first calls pick kernels (and compile): keep that out of the timings
+    devices.reset_peak(device)
+    if devices.is_cuda(device) or config.compile:  # first calls pick kernels (and compile): keep that out of the timings
         started = time.perf_counter()
-        try:
-            warm_up(family, conditioner, group.batches[0])
-        except Exception as e:  # the real batch will meet the same problem and handle it per job
-            log.warning("warm-up of %s failed (%s: %s); going on without it", group.name, type(e).__name__, e)
-            _free_cuda(device)
+        if not _warm_up(family, conditioner, group):
+            devices.free_cache(device)
         tally.warmup_s = time.perf_counter() - started
     started = time.perf_counter()
     try:
@@ -323,18 +344,27 @@ def _run_group(group: Group, tally: GroupTally, family, conditioner, config: Run
                 bucket = (tally.working_batch_size or len(group.batches[0].tasks)) if config.compile else None
                 made, failures = _make(batch, family, conditioner, tally, pad_to=bucket)
                 for task, image, seconds, notes in made:
-                    writer.submit(task, image, context=(group.name, batch.index, seconds), notes=notes)
+                    writer.submit(task, image, context=(tally, batch.index, seconds), notes=notes)
                 checkpoint.commit([Outcome(task, ok=False, error=error, group=group.name, batch=batch.index)
                                    for task, error in failures])
                 tally.failed += len(failures)
                 log.debug("batch %d: %d generated, %d failed", batch.index, len(made), len(failures))
-                _commit_written(writer.finished(), checkpoint, [tally])
+                _commit_written(writer.finished(), checkpoint)
                 progress.advance(len(batch.tasks))
-        _commit_written(writer.finished(block=True), checkpoint, [tally])
+        _commit_written(writer.finished(block=True), checkpoint)
     finally:
         tally.wall_s = time.perf_counter() - started
-        if cuda:
-            tally.peak_vram_bytes = torch.cuda.max_memory_allocated()
+        tally.peak_vram_bytes = devices.peak_allocated(device)
+
+
+def _warm_up(family, conditioner, group: Group) -> bool:
+    """One short pass at the group's shape; False (and a warning) if it failed."""
+    try:
+        warm_up(family, conditioner, group.batches[0])
+        return True
+    except Exception as e:  # the real batch will meet the same problem and handle it per job
+        log.warning("warm-up of %s failed (%s: %s); going on without it", group.name, type(e).__name__, e)
+        return False
 
 
 def _make(batch: Batch, family, conditioner, tally: GroupTally, pad_to: int | None = None):
@@ -345,33 +375,45 @@ def _make(batch: Batch, family, conditioner, tally: GroupTally, pad_to: int | No
     Returns ([(task, image, seconds, notes)], [(task, error)]).
     """
     size = len(batch.tasks)
+    padded = batch
+    if pad_to and size < pad_to:
+        padded = Batch(batch.index, batch.tasks + (batch.tasks[-1],) * (pad_to - size))
     try:
-        padded = batch
-        if pad_to and size < pad_to:
-            padded = Batch(batch.index, batch.tasks + (batch.tasks[-1],) * (pad_to - size))
-        output = generate_batch(family, conditioner, padded)
+        output, error, out_of_memory = generate_batch(family, conditioner, padded), None, False
     except KeyboardInterrupt:
         raise
     except Exception as e:  # one bad job must not stop the night: record it, go on
-        _free_cuda(family.device)
-        if _is_oom(e):
-            smaller = max(1, len(batch.tasks) // 2)
-            if tally.working_batch_size is None or smaller < tally.working_batch_size:
-                tally.working_batch_size = smaller  # kept for the rest of the group
-                log.warning("out of memory at batch size %d: continuing this group at %d", len(batch.tasks), smaller)
-        if len(batch.tasks) == 1:
-            log.error("job %s image %d failed: %s: %s", batch.tasks[0].job.id, batch.tasks[0].k, type(e).__name__, e)
-            log.debug("traceback of that failure:", exc_info=True)  # run.log only
-            return [], [(batch.tasks[0], f"{type(e).__name__}: {e}")]
-        log.warning("batch %d failed (%s: %s); retrying in halves", batch.index, type(e).__name__, e)
-        half = len(batch.tasks) // 2
-        made, failures = [], []
-        for part in (batch.tasks[:half], batch.tasks[half:]):
-            for chunk in _at_most(Batch(batch.index, part), tally.working_batch_size):  # the size may have shrunk
-                m, f = _make(chunk, family, conditioner, tally)
-                made += m
-                failures += f
-        return made, failures
+        output, error, out_of_memory = None, f"{type(e).__name__}: {e}", _is_oom(e)
+        if size == 1:
+            log.debug("traceback of job %s image %d's failure:", batch.tasks[0].job.id, batch.tasks[0].k,
+                      exc_info=True)  # run.log only
+    if output is not None:
+        return _made(batch, output, tally)
+    # Retry only here, outside the handler: while it runs, the exception's traceback keeps the
+    # failed call's frames, and so its tensors, alive; freeing memory in there frees nothing.
+    devices.free_cache(family.device)
+    if out_of_memory:
+        smaller = max(1, size // 2)
+        if tally.working_batch_size is None or smaller < tally.working_batch_size:
+            tally.working_batch_size = smaller  # kept for the rest of the group
+            log.warning("out of memory at batch size %d: continuing this group at %d", size, smaller)
+    if size == 1:
+        log.error("job %s image %d failed: %s", batch.tasks[0].job.id, batch.tasks[0].k, error)
+        return [], [(batch.tasks[0], error)]
+    log.warning("batch %d failed (%s); retrying in halves", batch.index, error)
+    half = size // 2
+    made, failures = [], []
+    for part in (batch.tasks[:half], batch.tasks[half:]):
+        for chunk in _at_most(Batch(batch.index, part), tally.working_batch_size):  # the size may have shrunk
+            m, f = _make(chunk, family, conditioner, tally)
+            made += m
+            failures += f
+    return made, failures
+
+
+def _made(batch: Batch, output, tally: GroupTally):
+    """A generated batch's images (padding dropped) and per-image failures, with the stage times tallied."""
+    size = len(batch.tasks)
     tally.stages.encode_s += output.encode_s
     tally.stages.denoise_s += output.denoise_s
     tally.stages.decode_s += output.decode_s
@@ -394,36 +436,19 @@ def _at_most(batch: Batch, size: int | None) -> list[Batch]:
     return [Batch(batch.index, batch.tasks[i : i + size]) for i in range(0, len(batch.tasks), size)]
 
 
-def _free_cuda(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
-
-
-def _commit_written(written, checkpoint: Checkpoint, tallies: list[GroupTally]) -> None:
+def _commit_written(written, checkpoint: Checkpoint) -> None:
+    """Record what the writer finished, crediting each image to the group (tally) that made it."""
     outcomes = []
     for w in written:
-        group, batch, seconds = w.context
+        tally, batch, seconds = w.context
+        group = tally.group.name
         if w.error:
             outcomes.append(Outcome(w.task, ok=False, error=w.error, group=group, batch=batch))
             continue
         outcomes.append(Outcome(w.task, ok=True, file=w.file, meta=w.meta, group=group, batch=batch, seconds=seconds))
-        for tally in tallies:
-            if tally.group.name == group:
-                tally.per_image_s.append(seconds)
-                tally.stages.write_s += w.seconds
+        tally.per_image_s.append(seconds)
+        tally.stages.write_s += w.seconds
     checkpoint.commit(outcomes)
-
-
-def _device_used_bytes(device: str) -> int | None:
-    """Memory in use on the whole device (what nvidia-smi shows), beside torch's own peak."""
-    if not device.startswith("cuda"):
-        return None
-    import torch
-
-    free, total = torch.cuda.mem_get_info()
-    return total - free
 
 
 def run_settings(config: RunConfig, device: str, dtype: str, manifest: Manifest) -> dict:
@@ -432,11 +457,10 @@ def run_settings(config: RunConfig, device: str, dtype: str, manifest: Manifest)
     import torch
     import transformers
 
-    gpu_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else None
-    # report.html draws each group's peak VRAM against this
-    gpu_total = torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else None
     return {
-        "model": config.model, "device": device, "gpu_name": gpu_name, "gpu_total_bytes": gpu_total, "dtype": dtype,
+        # report.html draws each group's peak VRAM against gpu_total_bytes
+        "model": config.model, "device": device, "gpu_name": devices.name(device),
+        "gpu_total_bytes": devices.total_bytes(device), "dtype": dtype,
         "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
         "sdbatch": __version__, "python": platform.python_version(),
         "batch_size": config.batch_size or "auto", "compile": config.compile,

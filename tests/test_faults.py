@@ -211,3 +211,36 @@ def test_attempts_are_counted_and_capped(tmp_path, monkeypatch):
     assert attempts() == 4
     (failed,) = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
     assert failed["attempts"] == 4
+
+
+def test_out_of_memory_retry_runs_after_the_failed_call_is_released(tmp_path, monkeypatch):
+    """The halves run only once the failed call's frames (and so its tensors) are gone."""
+    import gc
+    import weakref
+
+    import torch
+
+    import batch.runner as runner
+
+    real, held, alive_at_retry = runner.generate_batch, [], []
+
+    class Activations:  # stands for the tensors a failed UNet call leaves in its frames
+        pass
+
+    def small_gpu(family, conditioner, batch, steps=None):  # fault-injection seam: tests only
+        gc.disable()  # only references may free it, as with tensors on a GPU
+        try:
+            alive_at_retry.append(sum(ref() is not None for ref in held))
+        finally:
+            gc.enable()
+        activations = Activations()  # noqa: F841  (kept alive by this frame while an exception holds it)
+        held.append(weakref.ref(activations))
+        if len(batch.tasks) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(family, conditioner, batch, steps)
+
+    monkeypatch.setattr(runner, "generate_batch", small_gpu)
+    rows = [{"id": f"r{i}", "prompt": "x", "seed": i} for i in range(4)]
+    assert cli(write_jsonl(tmp_path / "m.jsonl", rows), *FAST, "--out", tmp_path / "out", "--quiet",
+               "--batch-size", "4") == 0
+    assert alive_at_retry[:3] == [0, 0, 0], f"failed calls still alive when the retry started: {alive_at_retry}"
