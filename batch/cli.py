@@ -268,7 +268,6 @@ def cmd_validate(args) -> int:
         print(json.dumps({"valid": True, "jobs": len(jobs), "images": plan.images, "batches": plan.batches,
                           "invalid_rows": len(manifest.invalid), "groups": groups}))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{manifest.path}: {len(jobs)} jobs, {plan.images} images, {plan.batches} batches")
@@ -283,12 +282,22 @@ def cmd_validate(args) -> int:
             row += [_gb(g["weights_bytes"]), _gb(g["unet_activations_bytes"]), _gb(g["vae_activations_bytes"]),
                     _gb(g["vram_estimate_bytes"])]
         table.add_row(*row)
-    console = Console()
+    console = _console()
     console.print(table)
     if manifest.invalid:
         console.print(f"{len(manifest.invalid)} invalid row(s) will be recorded as failed (--skip-invalid)")
     console.print("valid")
     return 0
+
+
+def _console():
+    """rich's console for stdout: on a terminal its width; piped to a file or a program, never
+    truncated (rich would assume 80 columns and cut `sd15-random` to `sd1…`)."""
+    from rich.console import Console
+
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=100_000, soft_wrap=True)
 
 
 def cmd_status(args) -> int:

@@ -68,3 +68,15 @@ def test_seed_changes_pixels_and_rows_are_reproducible(tmp_path):
     a1, b1 = pixels(tmp_path / "o1/images/a.png"), pixels(tmp_path / "o1/images/b.png")
     assert np.abs(a1 - b1).max() > 20  # another seed, another image
     assert np.abs(a1 - pixels(tmp_path / "o2/images/a.png")).max() <= 2
+
+
+def test_the_checkpoint_commits_survive_power_loss(tmp_path):
+    """synchronous=FULL: every commit is fsynced (NORMAL in WAL mode survives a killed process only)."""
+    from batch.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(tmp_path / "checkpoint.sqlite")
+    try:
+        assert checkpoint.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # 2 = FULL
+        assert checkpoint.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        checkpoint.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -172,3 +173,27 @@ def test_help_shows_examples(capsys):
 def test_no_command_is_a_usage_error(capsys):
     assert cli() == 2
     assert "usage" in capsys.readouterr().out.lower()
+
+
+def test_validate_piped_to_a_file_truncates_nothing(tmp_path):
+    """`validate --estimate-vram > plan.txt`: no 80-column cut (`sd1…`, `txt…`)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    long_lora = tmp_path / ("a-very-long-folder-name-for-a-lora-adapter-" * 3) / "style.safetensors"
+    long_lora.parent.mkdir()
+    long_lora.write_bytes(b"")
+    manifest = write_jsonl(tmp_path / "m.jsonl", [
+        {"id": "a", "prompt": "x", "model": "sd15-random", "lora": str(long_lora)},
+        {"id": "b", "prompt": "y", "init_image": None, "model": "sd15-random"},
+    ])
+    with open(tmp_path / "plan.txt", "w") as plan:
+        done = subprocess.run([sys.executable, str(REPO / "run_batch.py"), "validate", str(manifest), "--estimate-vram",
+                               "--device", "cpu"], stdout=plan, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env={**os.environ, "COLUMNS": "80"})
+    text = (tmp_path / "plan.txt").read_text()
+    assert done.returncode == 0, done.stderr
+    assert "…" not in text, text
+    assert "sd15-random" in text and "txt2img" in text and str(long_lora) in text and "VRAM est. GB" in text
