@@ -51,6 +51,9 @@ def _plan_options() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="run seed; rows without a seed derive theirs from (seed, id) [0]")
     p.add_argument("--skip-invalid", action="store_true", help="run the valid rows, record invalid ones as failed")
     p.add_argument("--limit", type=_positive_int, default=None, help="only the first N jobs (rows)")
+    p.add_argument("--ip-adapter", default=None,
+                   help="IP-Adapter weights: file, folder, or org/repo/subfolder/file "
+                        "[tiny: models/tiny-ip-adapter; else h94/IP-Adapter/models/ip-adapter_sd15.safetensors]")
     memory = p.add_argument_group("memory (small GPUs; see README)")
     memory.add_argument("--offload", default="none", choices=["none", "model", "sequential"],
                         help="model: components take turns on the GPU; sequential: layer by layer, slowest [none]")
@@ -94,9 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true", help="torch.compile the UNet (warm-up reported apart)")
     run.add_argument("--quiet", action="store_true", help="no progress bar: a plain line every 10 s")
     run.add_argument("--safety-checker", action="store_true", help="run the model's safety checker, where it has one")
-    run.add_argument("--ip-adapter", default=None,
-                     help="IP-Adapter weights: file, folder, or org/repo/subfolder/file "
-                          "[tiny: models/tiny-ip-adapter; else h94/IP-Adapter/models/ip-adapter_sd15.safetensors]")
     _single_job_options(run)
 
     validate = commands.add_parser("validate", parents=[shared], help="check every row and print the plan; loads no model")
@@ -236,6 +236,7 @@ def _gb(value: int) -> str:
 
 
 def cmd_validate(args) -> int:
+    from .adapters import check_adapters
     from .manifest import load_manifest
     from .models import LoadOptions, check_options, resolve_device, resolve_dtype
     from .plan import make_plan
@@ -243,17 +244,18 @@ def cmd_validate(args) -> int:
     manifest = load_manifest(args.manifest, _defaults(args), args.seed, args.skip_invalid)
     jobs = manifest.jobs[: args.limit] if args.limit else manifest.jobs
     device = resolve_device(args.device)  # the plan's batch sizes depend on it, as in `run`
+    options = LoadOptions(device=device, dtype=resolve_dtype(args.dtype, device), offload=args.offload,
+                          attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
+                          vae_tiling=args.vae_tiling, ip_adapter=args.ip_adapter)
+    if device.startswith("cuda"):
+        check_options(options)
+    check_adapters(jobs, options)  # what `run` checks before its first image: LoRAs, IP-Adapter, encoders
     tasks = [t for job in jobs for t in job.images("")]
     plan = make_plan(tasks, args.model, args.batch_size, device)
     estimates = {}
     if args.estimate_vram:
         from .estimate import group_estimate
 
-        options = LoadOptions(device=device, dtype=resolve_dtype(args.dtype, device), offload=args.offload,
-                              attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
-                              vae_tiling=args.vae_tiling)
-        if device.startswith("cuda"):
-            check_options(options)
         estimates = {i: group_estimate(g, options) for i, g in enumerate(plan.groups)}
     groups = []
     for i, g in enumerate(plan.groups):

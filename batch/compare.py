@@ -1,9 +1,13 @@
-"""Compare two report.json files (nightly runs): per-group throughput, latency, peak VRAM and failures.
+"""Compare two report.json files (nightly runs): per-group images/s, s/image p50/p95, peak VRAM and failures.
 
 Groups are matched on (model, mode, width, height); where one side holds several groups with
 that key (one per LoRA), they are matched on `lora` too. A matched group regresses when its
 images/s drops, or its peak VRAM grows, by more than the threshold. Groups found on one side
 only are listed as added or missing: a changed manifest is not a regression by itself.
+
+images/s is generation throughput (no model load, no warm-up). s/image p50/p95 are each image's
+share of its batch (batch generation time ÷ batch size), not the latency of one image; they are
+shown, not gated.
 """
 from __future__ import annotations
 
@@ -16,9 +20,9 @@ from .errors import BatchError
 DEFAULT_MAX_REGRESSION = 10.0  # percent
 # (report key, label, True when bigger is better); only the first and the VRAM one gate the verdict
 METRICS = (
-    ("images_per_s", "images/s", True),
-    ("s_per_image_p50", "s/image p50", False),
-    ("s_per_image_p95", "s/image p95", False),
+    ("images_per_s", "images/s (generation)", True),
+    ("s_per_image_p50", "s/image p50 (batch s ÷ batch size)", False),
+    ("s_per_image_p95", "s/image p95 (batch s ÷ batch size)", False),
     ("peak_vram_bytes", "peak VRAM", False),
 )
 GATED = ("images_per_s", "peak_vram_bytes")

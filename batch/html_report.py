@@ -22,6 +22,9 @@ THUMB_PX = 128  # longest side of a contact-sheet thumbnail
 MAX_THUMBS = 200  # keeps the page a few MB at most, whatever the run's size
 MAX_FAILURES = 200
 MAX_POINTS = 1000  # batch-latency points drawn; longer runs show the slowest batch of each stretch
+# s_per_image_* are shares of a batch's time: say so, or they read as the latency of one image.
+PER_IMAGE_NOTE = ("s/image p50/p95: each image's share of its batch (batch generation s ÷ batch size), "
+                  "not the latency of one image; generate s and images/s exclude model load and warm-up.")
 COLORS = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1", "#edc948", "#9c755f")
 
 CSS = """
@@ -112,7 +115,9 @@ def _summary(report: dict) -> str:
         (totals["failed"], "failed", totals["failed"] > 0),
         (totals["skipped_from_checkpoint"], "skipped (from checkpoint)", False),
         (totals.get("pending", 0), "pending", False),
-        (_duration(totals.get("wall_s")), "wall time", False),
+        (_duration(totals.get("wall_s")), "wall time (whole run)", False),
+        (_num(totals.get("end_to_end_images_per_s")), "images/s (end to end)", False),
+        (_duration(totals.get("generate_s")), "generation time (no load, no warm-up)", False),
         (_num(totals.get("images_per_s")), "images/s (generation)", False),
         (vram, "peak VRAM", False),
         (_gb(totals.get("peak_rss_bytes")), "peak RSS", False),
@@ -144,13 +149,13 @@ def _charts(report: dict, batches: list[dict]) -> str:
         return "\n".join(parts)
     labels = _group_labels(groups)
     throughput = _bar_chart(labels, [("images/s", [g.get("images_per_s") for g in groups], COLORS[0])], _num)
-    latency = _bar_chart(labels, [("p50", [g.get("s_per_image_p50") for g in groups], COLORS[0]),
-                                  ("p95", [g.get("s_per_image_p95") for g in groups], COLORS[1])],
-                         lambda v: f"{_num(v, 3)} s")
+    per_image = _bar_chart(labels, [("p50", [g.get("s_per_image_p50") for g in groups], COLORS[0]),
+                                    ("p95", [g.get("s_per_image_p95") for g in groups], COLORS[1])],
+                           lambda v: f"{_num(v, 3)} s")
     parts.append("<div class=charts>")
-    parts.append(f"<div class=chart><h3>Throughput per group (images/s)</h3>{throughput}</div>")
-    parts.append(f"<div class=chart><h3>Seconds per image, p50 and p95</h3>{latency}</div>")
-    parts.append(f"<div class=chart><h3>Batch latency over the run</h3>{_batch_chart(batches)}</div>")
+    parts.append(f"<div class=chart><h3>Throughput per group (images/s, generation)</h3>{throughput}</div>")
+    parts.append(f"<div class=chart><h3>s/image p50 and p95 (batch s ÷ batch size)</h3>{per_image}</div>")
+    parts.append(f"<div class=chart><h3>Seconds per batch over the run</h3>{_batch_chart(batches)}</div>")
     vram = [g.get("peak_vram_bytes") for g in groups]
     if all(v is None for v in vram):
         where = "on CPU" if not str(run.get("device", "")).startswith("cuda") else "for this run"
@@ -168,8 +173,9 @@ def _charts(report: dict, batches: list[dict]) -> str:
 
 
 def _group_table(groups: list[dict], labels: list[str]) -> str:
-    head = ("group", "images", "failed", "batches", "batch size", "load s", "warm-up s", "wall s", "images/s",
-            "s/image p50", "p95", "peak VRAM", "VRAM estimate")
+    head = ("group", "images", "failed", "batches", "batch size", "load s", "warm-up s", "generate s",
+            "images/s (generation)", "s/image p50 (batch s ÷ batch size)", "s/image p95 (batch s ÷ batch size)",
+            "peak VRAM", "VRAM estimate")
     rows = []
     for label, g in zip(labels, groups):
         cells = [g.get("images"), g.get("failed", 0), g.get("batches"), g.get("working_batch_size"),
@@ -178,8 +184,8 @@ def _group_table(groups: list[dict], labels: list[str]) -> str:
                  _gb(g.get("vram_estimate_bytes"))]
         rows.append(f"<tr><td>{_e(label)}</td>" + "".join(f"<td class=n>{_e(c if c is not None else '-')}</td>"
                                                            for c in cells) + "</tr>")
-    return ("<h3>Groups</h3><table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
-            + "".join(rows) + "</table>")
+    return ("<h3>Groups</h3><table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"
+            + "".join(rows) + "</table>" + f"<p class=note>{_e(PER_IMAGE_NOTE)}</p>")
 
 
 def _contact_sheet(meta_lines: list[str], done: int, out: Path) -> str:

@@ -42,8 +42,13 @@ class Job:
 
     @property
     def row(self) -> str:
-        """The manifest row as read, as JSON (only serialised for rows that are still to make)."""
-        return json.dumps(self.raw, ensure_ascii=False, default=str)
+        """The manifest row as read, as JSON, its file columns as resolved (absolute paths), so that
+        failed.jsonl runs from any folder. Only serialised for rows that are still to make."""
+        row = dict(self.raw)
+        for column in ("init_image", "prompt_image", "lora", "model"):
+            if row.get(column) not in (None, ""):
+                row[column] = getattr(self, column)
+        return json.dumps(row, ensure_ascii=False, default=str)
 
     def pixel_params(self) -> dict:
         """Every row parameter that changes the pixels (file contents stand for image paths)."""

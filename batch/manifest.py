@@ -27,6 +27,9 @@ COLUMNS = (
 )
 # Names the image metadata uses itself: an extra column may not shadow them.
 RESERVED = ("file_name", "k", "sampler", "model_name")
+# failed.jsonl's own columns: read back as a manifest, they are notes about the last attempt, not labels.
+ANNOTATIONS = ("error", "attempts")
+FILE_COLUMNS = ("init_image", "prompt_image", "lora", "model")  # relative paths resolve against the manifest
 MAX_SIDE = 8192
 MAX_STEPS = 1000
 MAX_IMAGES_PER_ROW = 10_000
@@ -467,7 +470,7 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
     if lora is None and raw.get("lora_scale") not in (None, ""):
         row.error("lora_scale", raw["lora_scale"], "lora_scale needs a lora on the same row")
 
-    extra = tuple((k, v) for k, v in raw.items() if k not in COLUMNS)
+    extra = tuple((k, v) for k, v in raw.items() if k not in COLUMNS and k not in ANNOTATIONS)
     for column, value in extra:
         if isinstance(value, float) and not math.isfinite(value):
             row.error(column, value, "NaN and Infinity cannot be written to metadata.jsonl (not JSON); use null or a string")
@@ -493,13 +496,29 @@ def _column_errors(rows: list[tuple[int, dict]]) -> list[RowError]:
         for column in raw:
             first_seen.setdefault(column, line)
     for column, line in first_seen.items():
-        if column in COLUMNS:
+        if column in COLUMNS or column in ANNOTATIONS:
             continue
         if column in RESERVED:
             errors.append(RowError(line, column, None, f"'{column}' is a name the image metadata uses; rename the column"))
         elif (hint := _near_miss(column)) is not None:
             errors.append(RowError(line, column, None, f"unknown column; did you mean '{hint}'?"))
     return errors
+
+
+def portable_row(raw: dict, folder: Path) -> dict:
+    """The row with relative file paths made absolute, so that it means the same from any folder
+    (failed.jsonl lives in OUT, not beside the manifest)."""
+    row = dict(raw)
+    for column in FILE_COLUMNS:
+        value = row.get(column)
+        if not isinstance(value, str) or not value.strip():
+            continue
+        path = _expand(value.strip())
+        candidate = path if path.is_absolute() else folder / path
+        # model and lora may be hub ids ("org/name"): only paths that exist there are rewritten
+        if not path.is_absolute() and (column in ("init_image", "prompt_image") or _exists(candidate)):
+            row[column] = _normalise(candidate)
+    return row
 
 
 def _row_id(line: int, raw: dict) -> str:

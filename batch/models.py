@@ -156,9 +156,9 @@ class PipelineFamily:
     load_s: float
     schedulers: dict = field(default_factory=dict)
     base_scheduler_config: dict | None = None  # the model's own: every scheduler is built from it
+    adapters: object = None  # the run's AdapterStore: LoRA and IP-Adapter weights read once, before any load
     loras: dict = field(default_factory=dict)  # reference -> adapter name, loaded once per run
     active_lora: tuple | None = None  # (reference, scale) now applied
-    ip_adapter: dict | None = None  # the adapter's state dict, kept to re-attach without disk I/O
     ip_image_encoder: object = None  # unload_ip_adapter() drops it from the pipeline; we keep it
     ip_attached: bool = False
     clip_vision: tuple | None = None  # (encoder, processor) for clip_embed rows
@@ -198,12 +198,11 @@ class PipelineFamily:
             pipe.disable_lora()
         else:
             if reference not in self.loras:
+                from .adapters import load_lora
+
                 name = "lora_" + hashlib.sha1(reference.encode()).hexdigest()[:10]
                 started = time.perf_counter()
-                try:
-                    pipe.load_lora_weights(reference, adapter_name=name, local_files_only=_offline())
-                except (OSError, ValueError, KeyError) as e:
-                    raise ModelError(f"cannot load LoRA '{reference}': {str(e).splitlines()[0]}") from None
+                load_lora(pipe, self.adapter_store().lora(reference), name)  # checked to fit before the run
                 log.info("loaded LoRA %s in %.2fs", reference, time.perf_counter() - started)
                 self.loras[reference] = name
             pipe.enable_lora()
@@ -219,21 +218,27 @@ class PipelineFamily:
         """
         pipe = self.image_prompt
         if on and not self.ip_attached:
-            if self.options.attention_slicing:
-                raise BatchError("--attention-slicing cannot serve ip_adapter rows (sliced attention drops the "
-                                 "IP-Adapter's processors); run them without it")
-            if self.ip_adapter is None:
-                self.ip_adapter = _load_ip_adapter_weights(self)
+            weights = self.adapter_store().ip_adapter(self.model)  # read, and its kind checked, before the run
+            if self.ip_image_encoder is None:
+                if pipe.image_encoder is None:  # SD 1.5 ships none: the adapter's own
+                    _attach_ip_image_encoder(self, weights.repo, weights.subfolder)
                 self.ip_image_encoder = pipe.image_encoder
             elif pipe.image_encoder is None:
                 pipe.register_modules(image_encoder=self.ip_image_encoder)
-            pipe.load_ip_adapter(self.ip_adapter, subfolder="", weight_name="", image_encoder_folder=None)
+            pipe.load_ip_adapter(weights.state_dict, subfolder="", weight_name="", image_encoder_folder=None)
             self.ip_attached = True
         elif not on and self.ip_attached:
             pipe.unload_ip_adapter()
             self.ip_attached = False
         if on:
             pipe.set_ip_adapter_scale(scale)
+
+    def adapter_store(self):
+        if self.adapters is None:  # a family used outside a run: adapters are read when first used
+            from .adapters import AdapterStore
+
+            self.adapters = AdapterStore(self.options.ip_adapter)
+        return self.adapters
 
     def clip_vision_encoder(self):
         """(encoder, processor) for clip_embed rows: the model's own, else CLIP ViT-L/14's."""
@@ -252,7 +257,7 @@ class PipelineFamily:
         before = devices.allocated(self.device)
         self.txt2img = self.img2img = self.image_prompt = None
         self.schedulers.clear()
-        self.ip_adapter = self.clip_vision = self.ip_image_encoder = None
+        self.clip_vision = self.ip_image_encoder = None
         devices.free_cache(self.device)
         return None if before is None else before - devices.allocated(self.device)
 
@@ -397,76 +402,6 @@ def build_random_sd15(device: str, dtype):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     return pipe.to(dtype=dtype)
-
-
-def ip_adapter_location(family_model: str, override: str | None) -> tuple[str, str, str]:
-    """(repo or folder, subfolder, weight name) for load_ip_adapter."""
-    reference = override or (str(TINY_IP_ADAPTER) if family_model == "tiny" else SD15_IP_ADAPTER)
-    path = Path(reference).expanduser()
-    if path.is_file():
-        return str(path.parent), "", path.name
-    if path.is_dir():
-        weights = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
-        if len(weights) != 1:
-            raise ModelError(f"{path}: expected one IP-Adapter weight file (.safetensors or .bin), found {len(weights)}")
-        return str(path), "", weights[0]
-    parts = reference.split("/")
-    if len(parts) >= 3:  # org/repo/sub/folder/weights.safetensors
-        return "/".join(parts[:2]), "/".join(parts[2:-1]), parts[-1]
-    raise ModelError(f"IP-Adapter '{reference}': give a weight file, a folder with one, or 'org/repo/subfolder/file'")
-
-
-def _load_ip_adapter_weights(family: PipelineFamily) -> dict:
-    """Load the IP-Adapter once through diffusers (which also brings its image encoder if the
-    model has none), keep its state dict for later re-attachments."""
-    repo, subfolder, weight = ip_adapter_location(family.model, family.options.ip_adapter)
-    pipe = family.image_prompt
-    try:
-        from diffusers.models.modeling_utils import load_state_dict
-        from huggingface_hub import hf_hub_download
-
-        if Path(repo).is_dir():
-            file = Path(repo) / subfolder / weight
-        else:
-            file = hf_hub_download(repo, weight, subfolder=subfolder or None, local_files_only=_offline())
-        flat = load_state_dict(str(file))
-        if "image_proj" in flat:  # .bin files hold the nested layout already
-            nested = flat
-        else:
-            nested = {"image_proj": {}, "ip_adapter": {}}
-            for key, value in flat.items():
-                head, _, rest = key.partition(".")
-                if head in nested:
-                    nested[head][rest] = value
-        _check_ip_adapter_kind(nested["image_proj"], "/".join(p for p in (repo, subfolder, weight) if p))
-        if pipe.image_encoder is None:
-            _attach_ip_image_encoder(family, repo, subfolder)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load IP-Adapter {repo}/{subfolder}/{weight}: {str(e).splitlines()[0]}") from None
-    return nested
-
-
-def _check_ip_adapter_kind(image_proj: dict, source: str) -> None:
-    """Refuse, by name, the IP-Adapter kinds whose image embeddings nothing here computes.
-
-    The keys are told apart as diffusers' `_convert_ip_adapter_image_proj_to_diffusers` does.
-    Plain (`proj`), Plus (`latents`) and full-face (`proj.3`) take CLIP image embeddings or
-    hidden states; FaceID (`norm` without `proj`) and FaceID Plus (`perceiver_resampler`)
-    take InsightFace face-identity embeddings.
-    """
-    if "perceiver_resampler.proj_in.weight" in image_proj:
-        kind = "FaceID Plus"
-    elif "norm.weight" in image_proj and "proj.weight" not in image_proj:
-        kind = "FaceID"
-    elif {"proj.weight", "latents", "proj.3.weight"} & image_proj.keys():
-        return  # plain, Plus, full-face
-    else:
-        found = ", ".join(sorted(image_proj)[:6]) or "none"
-        raise ModelError(f"IP-Adapter {source}: not an IP-Adapter diffusers can read (image_proj keys: {found}); "
-                         "expected plain, Plus or full-face weights")
-    raise ModelError(f"IP-Adapter {source} is an IP-Adapter {kind}, which is not supported: it needs InsightFace "
-                     "face-identity embeddings, not the CLIP image embeddings computed here; use a plain, Plus "
-                     "or full-face adapter (e.g. ip-adapter-plus-face_sd15.safetensors)")
 
 
 def _attach_ip_image_encoder(family: PipelineFamily, repo: str, subfolder: str) -> None:

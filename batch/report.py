@@ -29,6 +29,7 @@ def build_report(checkpoint: Checkpoint) -> dict:
     stages = {name: round(sum(g.get(name, 0.0) for g in groups), 4) for name in ("load_s", "warmup_s")}
     for name in STAGES[2:]:
         stages[name] = round(sum(g.get("stages", {}).get(name, 0.0) for g in groups), 4)
+    wall_s = timing.get("wall_s", round(sum(g["wall_s"] + g["load_s"] + g["warmup_s"] for g in groups), 4))
     totals = {
         "jobs": timing.get("jobs"),
         "images": counts.total,
@@ -37,9 +38,10 @@ def build_report(checkpoint: Checkpoint) -> dict:
         "pending": counts.pending,
         "skipped_from_checkpoint": timing.get("skipped_from_checkpoint", 0),
         "generated": generated,
-        "wall_s": timing.get("wall_s", round(sum(g["wall_s"] + g["load_s"] + g["warmup_s"] for g in groups), 4)),
-        "generate_s": generate_s,
+        "wall_s": wall_s,  # the whole run: reading, loading, warm-up, generation, writing
+        "generate_s": generate_s,  # batches only: no model load, no warm-up
         "images_per_s": round(generated / generate_s, 4) if generate_s else 0.0,
+        "end_to_end_images_per_s": round(generated / wall_s, 4) if wall_s else 0.0,
         "peak_vram_bytes": timing.get("peak_vram_bytes", max(vram) if vram else None),
         "device_used_bytes": timing.get("device_used_bytes"),
         "peak_rss_bytes": timing.get("peak_rss_bytes"),
@@ -84,11 +86,16 @@ def markdown(report: dict) -> str:
         f"Model `{run.get('model')}` on {run.get('gpu_name') or run.get('device')} ({run.get('dtype')}), "
         f"torch {run.get('torch')}, diffusers {run.get('diffusers')}, started {run.get('started_at')}.",
         "",
-        "| images | done | failed | pending | skipped (checkpoint) | made now | wall s | images/s | peak VRAM | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| images | done | failed | pending | skipped (checkpoint) | made now | generate s | images/s (generation) "
+        "| wall s (whole run) | images/s (end to end) | peak VRAM | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {totals['images']} | {totals['done']} | {totals['failed']} | {totals['pending']} | "
-        f"{totals['skipped_from_checkpoint']} | {totals['generated']} | {_num(totals['wall_s'], 1)} | "
-        f"{_num(totals['images_per_s'])} | {_gb(totals['peak_vram_bytes'])} | {_gb(totals['peak_rss_bytes'])} |",
+        f"{totals['skipped_from_checkpoint']} | {totals['generated']} | {_num(totals.get('generate_s'))} | "
+        f"{_num(totals['images_per_s'])} | {_num(totals['wall_s'])} | {_num(totals.get('end_to_end_images_per_s'))} | "
+        f"{_gb(totals['peak_vram_bytes'])} | {_gb(totals['peak_rss_bytes'])} |",
+        "",
+        "images/s (generation) = made now ÷ generate s (the batches: no model load, no warm-up); "
+        "images/s (end to end) = made now ÷ wall s (the whole run, loads and warm-up included).",
         "",
     ]
     if totals.get("interrupted"):
@@ -97,7 +104,8 @@ def markdown(report: dict) -> str:
         lines += [
             "## Groups",
             "",
-            "| model | mode | size | lora | images | batches | load s | warm-up s | wall s | images/s | s/image p50 | p95 | peak VRAM | VRAM estimate |",
+            "| model | mode | size | lora | images | batches | load s | warm-up s | generate s | images/s (generation) "
+            "| s/image p50 (batch s ÷ batch size) | s/image p95 (batch s ÷ batch size) | peak VRAM | VRAM estimate |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for g in groups:
@@ -106,7 +114,8 @@ def markdown(report: dict) -> str:
                 f"{g['batches']} | {_num(g['load_s'])} | {_num(g['warmup_s'])} | {_num(g['wall_s'])} | "
                 f"{_num(g['images_per_s'])} | {_num(g['s_per_image_p50'], 3)} | {_num(g['s_per_image_p95'], 3)} | "
                 f"{_gb(g['peak_vram_bytes'])} | {_gb(g.get('vram_estimate_bytes'))} |")
-        lines += ["", "## Time per stage (seconds, summed)", "", "| " + " | ".join(STAGES) + " |",
+        lines += ["", html_report.PER_IMAGE_NOTE, ""]
+        lines += ["## Time per stage (seconds, summed)", "", "| " + " | ".join(STAGES) + " |",
                   "|" + "---|" * len(STAGES),
                   "| " + " | ".join(_num(report["stages"][s]) for s in STAGES) + " |", ""]
     if totals["failed"]:

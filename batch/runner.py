@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__, devices
+from .adapters import AdapterStore, check_adapters
 from .checkpoint import FILE_NAME, Checkpoint, Counts, Outcome
 from .config import RunConfig
 from .errors import ModelError
@@ -21,7 +22,7 @@ from .estimate import group_estimate
 from .generate import Conditioner, generate_batch, warm_up
 from .interrupt import GracefulStop, StopRequested
 from .lock import FolderLock
-from .manifest import Manifest, load_manifest, read_bytes
+from .manifest import Manifest, load_manifest, portable_row, read_bytes
 from .models import LoadOptions, check_options, load_family, resolve_device, resolve_dtype, resolve_model
 from .plan import Batch, Group, Plan, make_plan
 from .progress import Progress
@@ -130,18 +131,19 @@ def run(config: RunConfig) -> RunResult:
     defaults = dataclasses.replace(config.defaults, model=config.model)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    options = load_options(config, device, dtype)
+    check_options(options)
+    salt = pixel_salt(options)
     data = read_bytes(Path(config.manifest))
-    fingerprint = _resume_fingerprint(config, defaults, dtype, data)
+    fingerprint = _resume_fingerprint(config, defaults, salt, data)
     existing = _image_files(Path(config.out) / "images")
     finished, finished_images = _finished_lines(Path(config.out), fingerprint, existing)
     manifest = load_manifest(config.manifest, defaults, config.seed, config.skip_invalid, data, finished)
     jobs = manifest.jobs[: config.limit] if config.limit else manifest.jobs
-    options = load_options(config, device, dtype)
-    check_options(options)
     for model in dict.fromkeys(job.model for job in jobs):
         resolve_model(model)  # a bad model name fails before the output folder is touched
-    salt = f"|dtype={dtype}"
-    tasks = [task for job in jobs for task in job.images(salt)]
+    adapters = check_adapters(jobs, options)  # every LoRA, IP-Adapter and image encoder: before anything loads
+    tasks = [task for job in jobs for task in job.images(salt + adapters.salt(job))]
 
     # 2. Output folder (locked: one run at a time) and checkpoint: drop what is already done
     out = Path(config.out)
@@ -149,7 +151,7 @@ def run(config: RunConfig) -> RunResult:
     file_log = _log_to(out / "run.log")
     try:
         with FolderLock(out), GracefulStop() as stop:
-            return _run_locked(config, manifest, jobs, tasks, options, out, stop, started,
+            return _run_locked(config, manifest, jobs, tasks, options, adapters, out, stop, started,
                                {"resume_fingerprint": fingerprint, "finished_images": finished_images,
                                 "finished_rows": len(finished), "existing": existing})
     finally:
@@ -157,11 +159,26 @@ def run(config: RunConfig) -> RunResult:
         file_log.close()
 
 
-def _resume_fingerprint(config: RunConfig, defaults, dtype: str, data: bytes) -> str | None:
-    """What must be equal for a rerun to trust the last run's finished rows without re-reading them."""
+def pixel_salt(options: LoadOptions) -> str:
+    """The run-level settings that change pixels, for every image key (rows' own parameters and
+    their adapters' content are added per job). Options that leave pixels as they are (offload,
+    slicing, compile, batch size) stay out, so changing them remakes nothing."""
+    salt = f"|dtype={options.dtype}"
+    if options.safety_checker:
+        salt += "|safety_checker"
+    if options.vae_tiling:  # blends tiles: pixels change near the seams
+        salt += "|vae_tiling"
+    return salt
+
+
+def _resume_fingerprint(config: RunConfig, defaults, salt: str, data: bytes) -> str | None:
+    """What must be equal for a rerun to trust the last run's finished rows without re-reading them:
+    the manifest bytes and everything that changes the images or their files."""
     if config.fresh or config.limit or config.skip_invalid:  # a partial or lenient run vouches for nothing
         return None
-    settings = json.dumps([dataclasses.asdict(defaults), config.seed, dtype], sort_keys=True)
+    # Rows naming files (images, LoRAs) are re-checked anyway; IP-Adapter rows name a prompt image.
+    settings = json.dumps([dataclasses.asdict(defaults), config.seed, salt, config.format, config.ip_adapter],
+                          sort_keys=True)
     return hashlib.sha256(data + settings.encode()).hexdigest()
 
 
@@ -185,8 +202,8 @@ def _finished_lines(out: Path, fingerprint: str | None, existing: set[str]) -> t
         checkpoint.close()
 
 
-def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: LoadOptions, out: Path,
-                stop: GracefulStop, started: float, resume: dict) -> RunResult:
+def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: LoadOptions, adapters: AdapterStore,
+                out: Path, stop: GracefulStop, started: float, resume: dict) -> RunResult:
     """Steps 2-4 of `run`, with the folder locked."""
     images_dir = out / "images"
     if resume["finished_rows"]:
@@ -214,7 +231,8 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
     last_line = jobs[-1].line if config.limit and jobs else None
     invalid = [item for item in manifest.invalid if last_line is None or item[0] <= last_line]
     if invalid:
-        checkpoint.record_invalid([(line, json.dumps(raw, ensure_ascii=False, default=str),
+        folder = Path(config.manifest).resolve().parent
+        checkpoint.record_invalid([(line, json.dumps(portable_row(raw, folder), ensure_ascii=False, default=str),
                                     "; ".join(str(e) for e in errors)) for line, raw, errors in invalid])
     checkpoint.set_fingerprint(resume["resume_fingerprint"])
     plan = make_plan(synced.todo, config.model, config.batch_size, options.device)
@@ -222,7 +240,7 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
              len(jobs) + manifest.skipped_rows, plan.images, plan.batches, synced.skipped, synced.failed_kept)
 
     # 3. Generate, writing as we go
-    execution = execute(plan, config, options, out, checkpoint, stop)
+    execution = execute(plan, config, options, adapters, out, checkpoint, stop)
     tallies, interrupted = execution.tallies, execution.interrupted
 
     # 4. Folder-level outputs, rebuilt from the checkpoint
@@ -264,8 +282,8 @@ def load_options(config: RunConfig, device: str, dtype: str) -> LoadOptions:
         ip_adapter=config.ip_adapter, compile=config.compile)
 
 
-def execute(plan: Plan, config: RunConfig, options: LoadOptions, out: Path, checkpoint: Checkpoint,
-            stop: GracefulStop) -> Execution:
+def execute(plan: Plan, config: RunConfig, options: LoadOptions, adapters: AdapterStore, out: Path,
+            checkpoint: Checkpoint, stop: GracefulStop) -> Execution:
     """Generate every batch of the plan, one model at a time."""
     # The writer holds at most one batch: a kill loses at most one batch of finished images.
     largest = max((len(b.tasks) for g in plan.groups for b in g.batches), default=1)
@@ -281,6 +299,7 @@ def execute(plan: Plan, config: RunConfig, options: LoadOptions, out: Path, chec
                 family = _load_or_fail(model, options, groups, checkpoint, progress)
                 if family is None:
                     continue
+                family.adapters = adapters
                 conditioner = Conditioner(family)
                 load_s = family.load_s
                 for group in groups:

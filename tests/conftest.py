@@ -34,6 +34,23 @@ def make_image(path: Path, color=(200, 30, 30), size=(64, 64)) -> Path:
     return path
 
 
+def make_tiny_lora(folder: Path, seed: int = 0, name: str = "pytorch_lora_weights.safetensors") -> Path:
+    """A random LoRA for the tiny UNet, made with peft and saved the way diffusers' training scripts do."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(REPO / "models" / "tiny")
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=name, safe_serialization=True)
+    return folder / name
+
+
 def read_metadata(out: Path) -> list[dict]:
     text = (out / "images" / "metadata.jsonl").read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -78,7 +78,7 @@ def test_peak_vram_growth_is_a_regression():
     assert result.regressed[0].regressions == ("peak_vram_bytes",)
     assert compare(BASE, grown, 30).ok
     assert compare(grown, BASE, 10).ok  # less memory is fine
-    # slower latency alone (p50/p95) is reported, not gated: throughput is the gate
+    # slower s/image alone (p50/p95) is reported, not gated: throughput is the gate
     slower = scaled(BASE, 0, "s_per_image_p95", 2.0)
     assert compare(BASE, slower).ok and compare(BASE, slower).matched[0].metrics["s_per_image_p95"].pct == 100.0
 
@@ -134,9 +134,20 @@ def test_markdown_is_a_table_and_a_verdict():
     text = to_markdown(compare(BASE, BASE), "a.json", "b.json")
     lines = text.strip().splitlines()
     table = [line for line in lines if line.startswith("|")]
-    assert len(table) == 2 + 3 and table[0].startswith("| group | images/s | s/image p50 | s/image p95 | peak VRAM")
+    assert len(table) == 2 + 3 and table[0].startswith(
+        "| group | images/s (generation) | s/image p50 (batch s ÷ batch size) | s/image p95 (batch s ÷ batch size) "
+        "| peak VRAM")
     assert "4.00 GB → 4.00 GB (+0.0%)" in text and "`a.json`" in text
     assert lines[-1].startswith("**OK")
+
+
+def test_per_image_figures_are_not_called_a_latency(tmp_path, capsys):
+    """s_per_image_* are batch time ÷ batch size: the output names them so, never "latency"."""
+    slower = scaled(BASE, 0, "s_per_image_p50", 2.0)
+    assert cli("compare", save(tmp_path / "o.json", BASE), save(tmp_path / "n.json", slower)) == 0
+    out = capsys.readouterr().out
+    assert "latency" not in out.lower()
+    assert "s/image p50 (batch s ÷ batch size)" in out and "0.5 → 1 (+100.0%)" in out
 
 
 def test_cpu_reports_without_vram_compare_on_throughput():

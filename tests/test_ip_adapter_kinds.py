@@ -133,19 +133,16 @@ def test_adapter_kinds_generate_from_the_embeddings_diffusers_would_use(tmp_path
 
 @pytest.mark.parametrize(("kind", "name"), [("faceid", "IP-Adapter FaceID,"), ("faceid-plus", "IP-Adapter FaceID Plus,")])
 def test_face_id_adapters_are_refused_by_name(tmp_path, images_dir, capsys, kind, name):
-    """FaceID needs InsightFace identity embeddings: each row fails naming the kind and the file.
-
-    The adapter is read when the first ip_adapter batch comes, so the refusal fails rows
-    (exit 1), before any denoising, rather than stopping the run up front (exit 2).
-    """
+    """FaceID needs InsightFace identity embeddings: refused before anything loads (exit 2), by
+    `validate` as by `run`, naming the kind, the file and the rows that need it."""
     adapter = write_adapter(tmp_path, kind)
     manifest = write_jsonl(images_dir / "ip.jsonl", [{"id": "face", "prompt": "a portrait", "prompt_image": "init.png"},
                                                     {"id": "plain", "prompt": "a portrait", "seed": 1}])
     out = tmp_path / "out"
-    code = cli(manifest, *FAST, "--ip-adapter", adapter, "--out", out)
-    err = capsys.readouterr().err
-    assert code == 1, err[-2000:]
-    assert [p.name for p in out.glob("images/*.png")] == ["plain.png"]  # the other rows go on
-    assert name in err and str(adapter) in err and "Traceback" not in err, err[-2000:]
-    (failed,) = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
-    assert failed["id"] == "face" and name in failed["error"] and "InsightFace" in failed["error"]
+    for command in (["validate"], []):
+        code = cli(*command, manifest, *FAST, "--ip-adapter", adapter, *([] if command else ["--out", out]))
+        err = capsys.readouterr().err
+        assert code == 2, err[-2000:]
+        assert name in err and str(adapter) in err and "InsightFace" in err and "row face" in err, err[-2000:]
+        assert "Traceback" not in err
+    assert not out.exists()  # nothing generated, nothing written

@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import FAST, REPO, cli, pixels, read_metadata, write_jsonl
+from conftest import FAST, REPO, cli, make_tiny_lora, pixels, read_metadata, write_jsonl
 
 from batch.schedulers import SCHEDULERS
 
@@ -61,21 +61,7 @@ def test_model_column_groups_rows_by_model(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_lora(tmp_path_factory):
-    """A random LoRA for the tiny UNet, made with peft and saved the way diffusers' training scripts do."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    pipe = StableDiffusionPipeline.from_pretrained(TINY)
-    torch.manual_seed(0)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    folder = tmp_path_factory.mktemp("lora")
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
-    return folder / "pytorch_lora_weights.safetensors"
+    return make_tiny_lora(tmp_path_factory.mktemp("lora"))
 
 
 def test_lora_rows_change_the_image_scale_0_equals_none_and_later_rows_are_clean(tmp_path, tiny_lora):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import re
 from pathlib import Path
 
@@ -182,11 +183,10 @@ def test_validate_piped_to_a_file_truncates_nothing(tmp_path):
 
     from conftest import REPO
 
-    long_lora = tmp_path / ("a-very-long-folder-name-for-a-lora-adapter-" * 3) / "style.safetensors"
-    long_lora.parent.mkdir()
-    long_lora.write_bytes(b"")
+    long_model = tmp_path / ("a-very-long-folder-name-for-a-model-" * 3)
+    shutil.copytree(REPO / "models" / "tiny", long_model)
     manifest = write_jsonl(tmp_path / "m.jsonl", [
-        {"id": "a", "prompt": "x", "model": "sd15-random", "lora": str(long_lora)},
+        {"id": "a", "prompt": "x", "model": str(long_model)},
         {"id": "b", "prompt": "y", "init_image": None, "model": "sd15-random"},
     ])
     with open(tmp_path / "plan.txt", "w") as plan:
@@ -196,4 +196,4 @@ def test_validate_piped_to_a_file_truncates_nothing(tmp_path):
     text = (tmp_path / "plan.txt").read_text()
     assert done.returncode == 0, done.stderr
     assert "…" not in text, text
-    assert "sd15-random" in text and "txt2img" in text and str(long_lora) in text and "VRAM est. GB" in text
+    assert "sd15-random" in text and "txt2img" in text and str(long_model) in text and "VRAM est. GB" in text

@@ -1,0 +1,326 @@
+"""LoRA and IP-Adapter weights: read once a run, checked before any model loads, digested for the keys.
+
+`check_adapters` runs before the first image (and in `validate`), so a bad adapter is an
+input error (exit 2) rather than a failure of every row hours into a night:
+
+- every LoRA is readable, a LoRA diffusers understands, and shaped for the model of each row
+  that uses it: loaded into that model's UNet and text encoder built on the meta device
+  (configs only, no weights, milliseconds);
+- IP-Adapter weights are of a supported kind, and the image encoders that `ip_adapter` and
+  `clip_embed` rows need are there (in the Hugging Face cache when HF_HUB_OFFLINE is set);
+- `--attention-slicing` is not asked to serve `ip_adapter` rows.
+
+What is read stays in the `AdapterStore`, so the pipelines load from memory, and each
+adapter's content digest goes into the image keys: a new file at the same path is a new image.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BatchError, ModelError
+from .models import (CLIP_VISION, SD15_CONFIGS, SD15_IP_ADAPTER, TINY_IP_ADAPTER, LoadOptions, _offline,
+                     resolve_model, single_file_config)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """A LoRA as diffusers' `lora_state_dict` returns it, ready for `load_lora_into_unet/_text_encoder`."""
+
+    reference: str
+    state_dict: dict
+    network_alphas: dict | None
+    metadata: dict | None
+    digest: str
+
+
+@dataclass(frozen=True)
+class IpAdapterWeights:
+    """An IP-Adapter state dict in diffusers' nested layout ({"image_proj": ..., "ip_adapter": ...})."""
+
+    source: str  # as shown in messages: folder/file or org/repo/subfolder/file
+    repo: str  # where its image encoder lives, for models without one (SD 1.5)
+    subfolder: str
+    state_dict: dict
+    digest: str
+
+
+@dataclass
+class AdapterStore:
+    """The run's adapters, each read once; filled by `check_adapters`, read again by nobody."""
+
+    ip_adapter_override: str | None = None  # --ip-adapter
+    loras: dict[str, LoraWeights] = field(default_factory=dict)
+    ip_adapters: dict[str, IpAdapterWeights] = field(default_factory=dict)  # by model
+
+    def lora(self, reference: str) -> LoraWeights:
+        if reference not in self.loras:
+            self.loras[reference] = read_lora(reference)
+        return self.loras[reference]
+
+    def ip_adapter(self, model: str) -> IpAdapterWeights:
+        if model not in self.ip_adapters:
+            self.ip_adapters[model] = read_ip_adapter(model, self.ip_adapter_override)
+        return self.ip_adapters[model]
+
+    def salt(self, job) -> str:
+        """What the job's adapters add to its image keys: their content, not their path."""
+        salt = ""
+        if job.lora:
+            salt += f"|lora={self.lora(job.lora).digest}"
+        if job.image_prompt_method == "ip_adapter":
+            salt += f"|ip_adapter={self.ip_adapter(job.model).digest}"
+        return salt
+
+
+def check_adapters(jobs, options: LoadOptions) -> AdapterStore:
+    """Read and check every adapter and image encoder the jobs need; all problems in one BatchError."""
+    store = AdapterStore(options.ip_adapter)
+    problems: list[str] = []
+    uses: dict[tuple[str, str], list[str]] = {}  # (what, model) -> ids of the rows that need it
+    for job in jobs:
+        if job.lora:
+            uses.setdefault(("lora:" + job.lora, job.model), []).append(job.id)
+        if job.image_prompt_method:
+            uses.setdefault((job.image_prompt_method, job.model), []).append(job.id)
+    ip_rows = [ids for (what, _), ids in uses.items() if what == "ip_adapter"]
+    if ip_rows and options.attention_slicing:
+        problems.append(f"--attention-slicing cannot serve ip_adapter rows ({_rows(sum(ip_rows, []))}): sliced "
+                        "attention replaces the IP-Adapter's attention processors; drop --attention-slicing "
+                        "(PyTorch's scaled-dot-product attention is already memory-efficient)")
+    for (what, model), ids in uses.items():
+        try:
+            if what.startswith("lora:"):
+                _check_lora_fits(store.lora(what[5:]), model)
+            elif what == "ip_adapter":
+                weights = store.ip_adapter(model)
+                if _has_image_encoder(model) is False:
+                    _check_cached(weights.repo, f"{weights.subfolder}/image_encoder".lstrip("/"),
+                                  f"the image encoder of IP-Adapter {weights.source}")
+            elif what == "clip_embed" and model != "sd15-random" and _has_image_encoder(model) is False:
+                _check_cached(CLIP_VISION, "", f"{CLIP_VISION} (the image encoder clip_embed rows use with "
+                                               f"'{model}', which ships none)")
+        except ModelError as e:
+            problems.append(f"{e} (needed by {_rows(ids)})")
+    if problems:
+        raise BatchError("\n".join(problems) if len(problems) == 1
+                         else f"{len(problems)} problems:\n" + "\n".join(f"- {p}" for p in problems))
+    return store
+
+
+def _rows(ids: list[str]) -> str:
+    shown = ", ".join(ids[:3])
+    return f"row{'s' if len(ids) > 1 else ''} {shown}" + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+
+
+def digest(state_dict: dict, *extra) -> str:
+    """A content hash of tensors (by name) and small extras: equal weights, equal digest, wherever they came from."""
+    import torch
+
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        value = state_dict[key]
+        if isinstance(value, dict):
+            h.update(f"{key}:{digest(value)}".encode())
+            continue
+        tensor = value.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{key}:{tensor.dtype}:{tuple(value.shape)}".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes())
+    h.update(repr(extra).encode())
+    return h.hexdigest()[:16]
+
+
+def read_lora(reference: str) -> LoraWeights:
+    """Read a LoRA the way diffusers' `load_lora_weights` does (kohya and A1111 files converted)."""
+    from .models import quiet_libraries
+
+    quiet_libraries()  # before diffusers imports its pipelines, which warn
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+            reference, local_files_only=_offline(), return_lora_metadata=True)
+    except Exception as e:  # diffusers raises OSError, ValueError, KeyError, SafetensorError... for bad files
+        hint = " (HF_HUB_OFFLINE is set: is it in the Hugging Face cache?)" if _offline() and not Path(reference).exists() else ""
+        raise ModelError(f"cannot read LoRA '{reference}'{hint}: {type(e).__name__}: {_first_line(e)}") from None
+    if not state_dict or not all("lora" in key for key in state_dict):
+        found = ", ".join(sorted(state_dict)[:3]) or "nothing"
+        raise ModelError(f"'{reference}' is not a LoRA diffusers can load (its weights are named {found}...)")
+    return LoraWeights(reference, state_dict, alphas, metadata, digest(state_dict, sorted((alphas or {}).items())))
+
+
+def load_lora(pipe, weights: LoraWeights, adapter_name: str) -> None:
+    """`load_lora_weights`, from the weights in memory: the same two diffusers calls it makes."""
+    from diffusers import StableDiffusionPipeline
+
+    common = dict(network_alphas=weights.network_alphas, adapter_name=adapter_name, metadata=weights.metadata,
+                  _pipeline=pipe)
+    StableDiffusionPipeline.load_lora_into_unet(dict(weights.state_dict), unet=pipe.unet, **common)
+    StableDiffusionPipeline.load_lora_into_text_encoder(dict(weights.state_dict), text_encoder=pipe.text_encoder,
+                                                        lora_scale=pipe.lora_scale, **common)
+
+
+def _check_lora_fits(weights: LoraWeights, model: str) -> None:
+    """Load the LoRA into the model's UNet and text encoder built on the meta device: a LoRA for
+    another architecture (SDXL, SD 2) fails here with the shapes that do not match."""
+    from diffusers import StableDiffusionPipeline
+
+    components = _meta_components(model)
+    if components is None:
+        return  # a hub model not downloaded yet (online): checked when it loads
+    unet, text_encoder = components
+    common = dict(network_alphas=weights.network_alphas, adapter_name="sdbatch_check", metadata=weights.metadata,
+                  low_cpu_mem_usage=True)
+    import diffusers.utils.logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.CRITICAL)  # diffusers logs the failure it raises: we say it once
+    try:
+        StableDiffusionPipeline.load_lora_into_unet(dict(weights.state_dict), unet=unet, **common)
+        StableDiffusionPipeline.load_lora_into_text_encoder(dict(weights.state_dict), text_encoder=text_encoder, **common)
+    except Exception as e:  # size mismatches (RuntimeError), unknown layers (ValueError)...
+        raise ModelError(f"LoRA '{weights.reference}' does not fit model '{model}': {_first_line(e, skip_header=True)}") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def _meta_components(model: str):
+    """(UNet, text encoder) of `model` on the meta device, from its configs; None if they are not on disk."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = _config_folder(model)
+    if folder is None:
+        return None
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
+    return unet, text_encoder
+
+
+def _config_folder(model: str) -> str | None:
+    """The folder holding the model's configs; None where they are not on disk (or the name resolves
+    to nothing: `run` says so itself, `validate` does not look at models)."""
+    try:
+        source = resolve_model(model)
+    except ModelError:
+        return None
+    if source.kind == "folder":
+        return source.location
+    if source.kind == "sd15_random":
+        return str(SD15_CONFIGS)
+    if source.kind == "single_file":
+        return str(single_file_config(Path(source.location)))
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(source.location, "model_index.json")
+    return str(Path(index).parent) if isinstance(index, str) else None
+
+
+def _has_image_encoder(model: str) -> bool | None:
+    """Whether the model ships a CLIP image encoder (the tiny model does, SD 1.5 does not); None: unknown."""
+    import json
+
+    folder = _config_folder(model)
+    if folder is None:
+        return None
+    if resolve_model(model).kind in ("single_file", "sd15_random"):
+        return False  # loaded with image_encoder=None / built without one
+    entry = json.loads((Path(folder) / "model_index.json").read_text()).get("image_encoder")
+    return bool(entry and entry[0] and (Path(folder) / "image_encoder").is_dir())
+
+
+def _check_cached(repo: str, subfolder: str, what: str) -> None:
+    """A folder's config.json is on disk (local) or in the cache (offline hub); online, the load fetches it."""
+    if Path(repo).is_dir():
+        if not (Path(repo) / subfolder / "config.json").exists():
+            raise ModelError(f"{what} is missing: no {Path(repo) / subfolder / 'config.json'}")
+        return
+    if not _offline():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(repo, f"{subfolder}/config.json".lstrip("/")), str):
+        raise ModelError(f"{what} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+                         f"download {repo}{'/' + subfolder if subfolder else ''} once online")
+
+
+def ip_adapter_location(model: str, override: str | None) -> tuple[str, str, str]:
+    """(repo or folder, subfolder, weight name) of the IP-Adapter for `model`."""
+    reference = override or (str(TINY_IP_ADAPTER) if model == "tiny" else SD15_IP_ADAPTER)
+    path = Path(reference).expanduser()
+    if path.is_file():
+        return str(path.parent), "", path.name
+    if path.is_dir():
+        weights = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".bin"))
+        if len(weights) != 1:
+            raise ModelError(f"{path}: expected one IP-Adapter weight file (.safetensors or .bin), found {len(weights)}")
+        return str(path), "", weights[0]
+    parts = reference.split("/")
+    if len(parts) >= 3:  # org/repo/sub/folder/weights.safetensors
+        return "/".join(parts[:2]), "/".join(parts[2:-1]), parts[-1]
+    raise ModelError(f"IP-Adapter '{reference}': give a weight file, a folder with one, or 'org/repo/subfolder/file'")
+
+
+def read_ip_adapter(model: str, override: str | None) -> IpAdapterWeights:
+    """The IP-Adapter's state dict in the nested layout `load_ip_adapter` accepts, its kind checked."""
+    from diffusers.models.modeling_utils import load_state_dict
+    from huggingface_hub import hf_hub_download
+
+    repo, subfolder, weight = ip_adapter_location(model, override)
+    source = "/".join(p for p in (repo, subfolder, weight) if p)
+    try:
+        if Path(repo).is_dir():
+            file = Path(repo) / subfolder / weight
+        else:
+            file = hf_hub_download(repo, weight, subfolder=subfolder or None, local_files_only=_offline())
+        flat = load_state_dict(str(file))
+    except Exception as e:  # missing (offline), unreadable, not safetensors...
+        hint = " (HF_HUB_OFFLINE is set: is it in the Hugging Face cache?)" if _offline() and not Path(repo).is_dir() else ""
+        raise ModelError(f"cannot read IP-Adapter {source}{hint}: {type(e).__name__}: {_first_line(e)}") from None
+    if "image_proj" in flat:  # .bin files hold the nested layout already
+        nested = flat
+    else:
+        nested = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in flat.items():
+            head, _, rest = key.partition(".")
+            if head in nested:
+                nested[head][rest] = value
+    _check_ip_adapter_kind(nested["image_proj"], source)
+    return IpAdapterWeights(source, repo, subfolder, nested, digest(nested))
+
+
+def _check_ip_adapter_kind(image_proj: dict, source: str) -> None:
+    """Refuse, by name, the IP-Adapter kinds whose image embeddings nothing here computes.
+
+    The keys are told apart as diffusers' `_convert_ip_adapter_image_proj_to_diffusers` does.
+    Plain (`proj`), Plus (`latents`) and full-face (`proj.3`) take CLIP image embeddings or
+    hidden states; FaceID (`norm` without `proj`) and FaceID Plus (`perceiver_resampler`)
+    take InsightFace face-identity embeddings.
+    """
+    if "perceiver_resampler.proj_in.weight" in image_proj:
+        kind = "FaceID Plus"
+    elif "norm.weight" in image_proj and "proj.weight" not in image_proj:
+        kind = "FaceID"
+    elif {"proj.weight", "latents", "proj.3.weight"} & image_proj.keys():
+        return  # plain, Plus, full-face
+    else:
+        found = ", ".join(sorted(image_proj)[:6]) or "none"
+        raise ModelError(f"IP-Adapter {source}: not an IP-Adapter diffusers can read (image_proj keys: {found}); "
+                         "expected plain, Plus or full-face weights")
+    raise ModelError(f"IP-Adapter {source} is an IP-Adapter {kind}, which is not supported: it needs InsightFace "
+                     "face-identity embeddings, not the CLIP image embeddings computed here; use a plain, Plus "
+                     "or full-face adapter (e.g. ip-adapter-plus-face_sd15.safetensors)")
+
+
+def _first_line(error: Exception, skip_header: bool = False) -> str:
+    """The message's first line; torch's "Error(s) in loading state_dict" puts the reason on the next."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    if skip_header and len(lines) > 1 and lines[0].endswith(":"):
+        return lines[1] + (f" (and {len(lines) - 2} more)" if len(lines) > 2 else "")
+    return lines[0]
