@@ -70,7 +70,7 @@ def test_lora_splits_groups():
     plan = make_plan(tasks_of(job("a"), job("b", lora="style"), job("c")), "tiny", batch_size=8)
     assert [(g.lora, [t.stem for b in g.batches for t in b.tasks]) for g in plan.groups] == [
         (None, ["a", "c"]), ("style", ["b"])]
-    assert plan.groups[1].name == "txt2img 64x64+style"
+    assert plan.groups[1].name == "tiny txt2img 64x64+style"  # the model too: groups of two models differ
 
 
 def test_batch_size_splits_and_images_of_a_row_span_batches():
