@@ -62,7 +62,7 @@ def resolve_model(name: str) -> ModelSource:
     if name == "tiny":
         path = MODELS_DIR / "tiny"
         if not (path / "model_index.json").exists():
-            raise ModelError(f"the embedded tiny model is missing at {path}; rebuild it with `python -m batch.tiny_model`")
+            raise ModelError(f"the embedded tiny model is missing at {path}; retrain it with `python -m batch.toy.train`")
         return ModelSource(name, "folder", str(path))
     if name == "sd15-random":
         if not (SD15_CONFIGS / "unet" / "config.json").exists():

@@ -24,7 +24,7 @@ import gzip
 import json
 from pathlib import Path
 
-from batch.tiny_model import BOS_TOKEN, EOS_TOKEN, bytes_to_unicode
+from batch.toy.tokenizer import BOS_TOKEN, EOS_TOKEN, bytes_to_unicode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SD15_DIR = REPO_ROOT / "models" / "sd15"

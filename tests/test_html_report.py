@@ -54,8 +54,8 @@ def demo_out(tmp_path_factory) -> Path:
 def test_demo_report_html_is_self_contained(demo_out):
     text, html = page(demo_out)
     assert len(html.thumbnails) == len(html.all("img")) == 7
-    assert {a["alt"] for a in html.thumbnails} == {"castle-0", "castle-1", "fox", "lighthouse", "hills-painted",
-                                                    "hills-night", "palette"}
+    assert {a["alt"] for a in html.thumbnails} == {"red-circle-0", "red-circle-1", "blue-square", "green-triangle",
+                                                    "square-turns-yellow", "square-kept", "like-the-triangle"}
     assert "http://" not in text and "https://" not in text  # nothing to fetch: works offline, mailed, archived
     assert not html.all("script") and not html.all("link")
     assert {"summary", "charts", "images"} <= html.section_ids and "failures" not in html.section_ids
@@ -74,7 +74,7 @@ def test_report_command_rebuilds_html_and_caps_the_contact_sheet(demo_out, tmp_p
     out = tmp_path / "copy"
     shutil.copytree(demo_out, out)
     (out / "report.html").unlink()
-    (out / "images" / "fox.png").unlink()  # a deleted file shows as missing, not as a broken image
+    (out / "images" / "blue-square.png").unlink()  # a deleted file shows as missing, not as a broken image
     monkeypatch.setattr(html_report, "MAX_THUMBS", 3)
     assert cli("report", out) == 0
     _text, html = page(out)

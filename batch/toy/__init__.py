@@ -1,0 +1,1 @@
+"""A drawn world of coloured shapes that the embedded tiny model is trained on."""
