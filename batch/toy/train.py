@@ -56,10 +56,11 @@ class TrainConfig:
     batch: int = 32
     lr: float = 5e-4
     snr_gamma: float = 5.0  # min-SNR weighting: converges in fewer steps
-    drop_caption: float = 0.1  # "" instead of the caption: the unconditional half of guidance
+    ema: float = 0.999  # sample with an exponential moving average of the weights: far steadier under guidance
+    drop_caption: float = 0.15  # "" instead of the caption: the unconditional half of guidance
     partial_caption: float = 0.2  # "red" or "circle" alone: negative prompts can name one attribute
-    image_condition: float = 0.15  # condition on the repeated image embedding instead (clip_embed rows)
-    clip_weight: float = 0.1  # contrastive loss between image and caption embeddings
+    image_condition: float = 0.25  # condition on the repeated image embedding instead (clip_embed rows)
+    clip_weight: float = 0.5  # contrastive loss between image and caption embeddings
     # IP-Adapter
     ip_steps: int = 1500
     ip_tokens: int = 4
@@ -124,6 +125,21 @@ def train_vae(vae, pixels, config: TrainConfig) -> None:
         schedule.step()
         _progress("vae", step, config.vae_steps, loss.item(), started)
     vae.eval()
+
+
+def make_posterior_deterministic(vae) -> None:
+    """Pin the VAE posterior's log-variance to its floor, so an encoded image is its mean.
+
+    The diffusion model learns from posterior means; diffusers' img2img encodes its init
+    image with `latent_dist.sample()`, which would otherwise add the posterior's noise
+    (std ~0.07 of the latent spread here) on top of the schedule's.
+    """
+    import torch
+
+    with torch.no_grad():
+        logvar = slice(vae.config.latent_channels, None)  # quant_conv's outputs: [mean, logvar]
+        vae.quant_conv.weight[logvar] = 0.0
+        vae.quant_conv.bias[logvar] = -30.0  # DiagonalGaussianDistribution clamps log-variance at -30
 
 
 def encode_latents(vae, pixels, batch: int = 64):
@@ -205,6 +221,7 @@ def train_main(text_encoder, unet, vision, tokenizer, latents, clip_pixels, scen
     logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
     parameters = [*text_encoder.parameters(), *unet.parameters(), *vision.parameters(),
                   *text_projection.parameters(), logit_scale]
+    ema = Ema([*text_encoder.parameters(), *unet.parameters(), *vision.parameters()], config.ema)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=1e-2)
     warmup = max(1, config.steps // 50)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -225,13 +242,8 @@ def train_main(text_encoder, unet, vision, tokenizer, latents, clip_pixels, scen
         repeated = image_embeds[:, None, :].expand(-1, hidden.shape[1], -1)
         condition = torch.where(use_image[:, None, None], repeated, hidden)
 
-        x0 = latents[index]
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(noise_schedule.config.num_train_timesteps, (config.batch,), generator=generator)
-        noisy = noise_schedule.add_noise(x0, noise, t)
-        predicted = unet(noisy, t, encoder_hidden_states=condition).sample
-        weight = torch.clamp(snr[t], max=config.snr_gamma) / snr[t]  # min-SNR-γ for ε-prediction
-        diffusion = (weight * ((predicted - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        diffusion = denoising_loss(unet, noise_schedule, snr, latents[index], generator, config,
+                                   encoder_hidden_states=condition)
 
         # mini-CLIP on full captions only (a single word or "" describes several drawings)
         full = torch.tensor([c.count(" ") == 2 for c in captions])
@@ -247,7 +259,9 @@ def train_main(text_encoder, unet, vision, tokenizer, latents, clip_pixels, scen
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
+        ema.update()
         _progress("unet", step, config.steps, loss.item(), started)
+    ema.copy_to()
     for module in (text_encoder, unet, vision):
         module.eval()
 
@@ -266,6 +280,47 @@ def _clip_loss(logits, captions: list[str]):
 def _snr(noise_schedule):
     alphas = noise_schedule.alphas_cumprod
     return alphas / (1 - alphas)
+
+
+def denoising_loss(unet, noise_schedule, snr, x0, generator, config: TrainConfig, **conditioning):
+    """v-prediction loss with min-SNR-γ weights, over random timesteps.
+
+    v (SD 2's parameterisation) keeps the high-noise steps, where colour and layout are
+    decided, well conditioned for a small model; ε-prediction amplifies their errors.
+    """
+    import torch
+
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(noise_schedule.config.num_train_timesteps, (len(x0),), generator=generator)
+    noisy = noise_schedule.add_noise(x0, noise, t)
+    predicted = unet(noisy, t, **conditioning).sample
+    target = noise_schedule.get_velocity(x0, noise, t)
+    weight = torch.clamp(snr[t], max=config.snr_gamma) / (snr[t] + 1)
+    return (weight * ((predicted - target) ** 2).mean(dim=(1, 2, 3))).mean()
+
+
+class Ema:
+    """An exponential moving average of parameters; `copy_to` puts it in the modules at the end."""
+
+    def __init__(self, parameters, decay: float):
+        self.parameters = list(parameters)
+        self.shadow = [p.detach().clone() for p in self.parameters]
+        self.decay, self.steps = decay, 0
+
+    def update(self) -> None:
+        import torch
+
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))  # short memory while weights move fast
+        with torch.no_grad():
+            torch._foreach_lerp_(self.shadow, [p.detach() for p in self.parameters], 1 - decay)
+
+    def copy_to(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for p, s in zip(self.parameters, self.shadow):
+                p.copy_(s)
 
 
 # --- 5. IP-Adapter -------------------------------------------------------------------------------
@@ -327,6 +382,7 @@ def train_ip_adapter(pipe, modules: dict, latents, clip_pixels, scenes, config: 
     snr = _snr(noise_schedule)
     optimizer = torch.optim.AdamW(parameters, lr=config.ip_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.ip_steps)
+    ema = Ema(parameters, config.ema)
     rng = random.Random(config.seed + 4)
     generator = torch.Generator().manual_seed(config.seed + 4)
     with torch.no_grad():
@@ -343,19 +399,15 @@ def train_ip_adapter(pipe, modules: dict, latents, clip_pixels, scenes, config: 
         embeds = all_embeds[index]
         keep = (torch.rand(config.batch, generator=generator) >= config.ip_drop).float()[:, None]
         image_embeds = (embeds * keep)[:, None, :]  # zeros: what the pipeline feeds as the negative
-        x0 = latents[index]
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(noise_schedule.config.num_train_timesteps, (config.batch,), generator=generator)
-        noisy = noise_schedule.add_noise(x0, noise, t)
-        predicted = unet(noisy, t, encoder_hidden_states=hidden,
-                         added_cond_kwargs={"image_embeds": [image_embeds]}).sample
-        weight = torch.clamp(snr[t], max=config.snr_gamma) / snr[t]
-        loss = (weight * ((predicted - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss = denoising_loss(unet, noise_schedule, snr, latents[index], generator, config,
+                              encoder_hidden_states=hidden, added_cond_kwargs={"image_embeds": [image_embeds]})
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
+        ema.update()
         _progress("ip-adapter", step, config.ip_steps, loss.item(), started)
+    ema.copy_to()
 
 
 def ip_adapter_state_dict(pipe) -> dict:
@@ -377,10 +429,10 @@ def ip_adapter_state_dict(pipe) -> dict:
 
 # --- 6. the whole recipe ---------------------------------------------------------------------------
 
-SCHEDULER_CONFIG = {  # SD 1.5's noise schedule (scheduler_config.json)
+SCHEDULER_CONFIG = {  # SD 1.5's noise schedule (scheduler_config.json), with v-prediction as SD 2
     "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "trained_betas": None, "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1,
-    "clip_sample": False, "prediction_type": "epsilon",
+    "clip_sample": False, "prediction_type": "v_prediction",
 }
 
 
@@ -402,6 +454,7 @@ def train(config: TrainConfig, out: Path, ip_out: Path) -> dict:
     train_vae(vae, pixels, config)
     latents, scaling = encode_latents(vae, pixels)
     vae.register_to_config(scaling_factor=scaling)
+    make_posterior_deterministic(vae)
     times["vae_s"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
