@@ -57,16 +57,18 @@ def prepare_resume(manifest: Path, out: Path, same_command: bool) -> tuple[int, 
     from batch.checkpoint import FILE_NAME, Checkpoint
     from batch.config import Defaults, RunConfig
     from batch.manifest import load_manifest
-    from batch.runner import _resume_fingerprint
+    from batch.models import LoadOptions
+    from batch.runner import _resume_fingerprint, pixel_salt
 
     defaults = Defaults(model="tiny")
     jobs = load_manifest(manifest, defaults).jobs
-    tasks = [t for job in jobs for t in job.images("|dtype=fp32")]  # the key salt of a CPU run
+    salt = pixel_salt(LoadOptions(device="cpu", dtype="fp32"))  # the key salt of a CPU run
+    tasks = [t for job in jobs for t in job.images(salt)]
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     checkpoint = Checkpoint(out / FILE_NAME)
     config = RunConfig(manifest=manifest, out=out, model="tiny", device="cpu")
-    fingerprint = _resume_fingerprint(config, defaults, "fp32", manifest.read_bytes()) if same_command else None
+    fingerprint = _resume_fingerprint(config, defaults, salt, manifest.read_bytes()) if same_command else None
     checkpoint.start_run({"started_at": "scale-check", "resume_fingerprint": fingerprint})
     checkpoint.sync(tasks, set(), retry_failed=False, fresh=True)
     done = tasks[:-PENDING]
