@@ -283,16 +283,19 @@ def read_ip_adapter(model: str, override: str | None) -> IpAdapterWeights:
     except Exception as e:  # missing (offline), unreadable, not safetensors...
         hint = " (HF_HUB_OFFLINE is set: is it in the Hugging Face cache?)" if _offline() and not Path(repo).is_dir() else ""
         raise ModelError(f"cannot read IP-Adapter {source}{hint}: {type(e).__name__}: {_first_line(e)}") from None
-    if "image_proj" in flat:  # .bin files hold the nested layout already
-        nested = flat
-    else:
-        nested = {"image_proj": {}, "ip_adapter": {}}
-        for key, value in flat.items():
-            head, _, rest = key.partition(".")
-            if head in nested:
-                nested[head][rest] = value
+    nested = flat if "image_proj" in flat else nest_ip_adapter(flat)  # .bin files hold the nested layout already
     _check_ip_adapter_kind(nested["image_proj"], source)
     return IpAdapterWeights(source, repo, subfolder, nested, digest(nested))
+
+
+def nest_ip_adapter(flat: dict) -> dict:
+    """h94's flat .safetensors keys (`image_proj.*`, `ip_adapter.*`) in the nested layout `load_ip_adapter` takes."""
+    nested = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in flat.items():
+        head, _, rest = key.partition(".")
+        if head in nested:
+            nested[head][rest] = value
+    return nested
 
 
 def _check_ip_adapter_kind(image_proj: dict, source: str) -> None:

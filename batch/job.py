@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 MODES = ("txt2img", "img2img", "image_prompt")
+FILE_COLUMNS = ("init_image", "prompt_image", "lora", "model")  # relative paths resolve against the manifest
 IMAGE_PROMPT_METHODS = ("ip_adapter", "clip_embed")
 
 
@@ -45,7 +46,7 @@ class Job:
         """The manifest row as read, as JSON, its file columns as resolved (absolute paths), so that
         failed.jsonl runs from any folder. Only serialised for rows that are still to make."""
         row = dict(self.raw)
-        for column in ("init_image", "prompt_image", "lora", "model"):
+        for column in FILE_COLUMNS:
             if row.get(column) not in (None, ""):
                 row[column] = getattr(self, column)
         return json.dumps(row, ensure_ascii=False, default=str)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .config import Defaults
 from .errors import ManifestError, RowError
-from .job import IMAGE_PROMPT_METHODS, MODES, Job
+from .job import FILE_COLUMNS, IMAGE_PROMPT_METHODS, MODES, Job
 from .models import HUB_ID, PRESETS
 from .schedulers import SCHEDULERS
 
@@ -29,7 +29,6 @@ COLUMNS = (
 RESERVED = ("file_name", "k", "sampler", "model_name")
 # failed.jsonl's own columns: read back as a manifest, they are notes about the last attempt, not labels.
 ANNOTATIONS = ("error", "attempts")
-FILE_COLUMNS = ("init_image", "prompt_image", "lora", "model")  # relative paths resolve against the manifest
 MAX_SIDE = 8192
 MAX_STEPS = 1000
 MAX_IMAGES_PER_ROW = 10_000

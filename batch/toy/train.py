@@ -119,10 +119,7 @@ def train_vae(vae, pixels, config: TrainConfig) -> None:
         posterior = vae.encode(batch).latent_dist
         recon = vae.decode(posterior.sample(generator)).sample
         loss = (recon - batch).abs().mean() + ((recon - batch) ** 2).mean() + config.vae_kl * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+        _optimise(loss, optimizer, schedule)
         _progress("vae", step, config.vae_steps, loss.item(), started)
     vae.eval()
 
@@ -254,12 +251,7 @@ def train_main(text_encoder, unet, vision, tokenizer, latents, clip_pixels, scen
             logits = logit_scale.exp().clamp(max=100) * image @ words.T
             clip = _clip_loss(logits, [captions[i] for i in full.nonzero().flatten().tolist()])
         loss = diffusion + config.clip_weight * clip
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        ema.update()
+        _optimise(loss, optimizer, schedule, ema, clip_parameters=parameters)
         _progress("unet", step, config.steps, loss.item(), started)
     ema.copy_to()
     for module in (text_encoder, unet, vision):
@@ -341,11 +333,9 @@ def attach_ip_adapter(pipe, config: TrainConfig) -> dict:
     for key_id, name, hidden in _ip_layers(unet):
         for part in ("to_k_ip", "to_v_ip"):
             flat[f"ip_adapter.{key_id}.{part}.weight"] = torch.randn(hidden, width, generator=generator) * 0.02
-    nested = {"image_proj": {}, "ip_adapter": {}}
-    for key, value in flat.items():
-        head, _, rest = key.partition(".")
-        nested[head][rest] = value
-    pipe.load_ip_adapter(nested, subfolder="", weight_name="", image_encoder_folder=None)
+    from ..adapters import nest_ip_adapter
+
+    pipe.load_ip_adapter(nest_ip_adapter(flat), subfolder="", weight_name="", image_encoder_folder=None)
     pipe.set_ip_adapter_scale(1.0)
     return {"image_proj": unet.encoder_hid_proj, **{name: unet.attn_processors[name] for _, name, _ in _ip_layers(unet)}}
 
@@ -401,11 +391,7 @@ def train_ip_adapter(pipe, modules: dict, latents, clip_pixels, scenes, config: 
         image_embeds = (embeds * keep)[:, None, :]  # zeros: what the pipeline feeds as the negative
         loss = denoising_loss(unet, noise_schedule, snr, latents[index], generator, config,
                               encoder_hidden_states=hidden, added_cond_kwargs={"image_embeds": [image_embeds]})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        ema.update()
+        _optimise(loss, optimizer, schedule, ema)
         _progress("ip-adapter", step, config.ip_steps, loss.item(), started)
     ema.copy_to()
 
@@ -535,6 +521,20 @@ def _prefix_text_encoder_keys(out_dir: Path) -> None:
             (k if k.startswith("text_model.") else f"text_model.{k}"): f.get_tensor(k) for k in f.keys()
         }
     save_file(tensors, str(path), metadata=metadata or {"format": "pt"})
+
+
+def _optimise(loss, optimizer, schedule, ema: "Ema | None" = None, clip_parameters=None) -> None:
+    """One optimiser step: gradients, optional norm clipping (to 1), the LR schedule, the EMA."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_parameters is not None:
+        torch.nn.utils.clip_grad_norm_(clip_parameters, 1.0)
+    optimizer.step()
+    schedule.step()
+    if ema is not None:
+        ema.update()
 
 
 def _progress(stage: str, step: int, steps: int, loss: float, started: float) -> None:
