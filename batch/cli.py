@@ -12,7 +12,7 @@ from .config import DEFAULT_MODEL, Defaults, RunConfig
 from .errors import BatchError
 from .schedulers import SCHEDULERS
 
-COMMANDS = ("run", "validate", "status", "report", "compare", "bench")
+COMMANDS = ("run", "validate", "status", "report", "compare", "bench", "prepare-dataset", "train-lora")
 
 EXAMPLES = """\
 examples:
@@ -22,6 +22,8 @@ examples:
   sdbatch status outputs/night1 --json                      # {"total", "done", "failed", "pending"}
   sdbatch report outputs/night1                             # rebuild report.json/.csv/.md
   python run_batch.py manifests/demo.jsonl --model tiny --fresh
+  sdbatch prepare-dataset photos/ data/train --size 512          # images (+ .txt) -> training folder
+  sdbatch train-lora data/train --out loras/mine --max-steps 500   # -> loras/mine/final/*.safetensors
 
 exit codes: 0 all done; 1 some jobs failed (the rest done); 2 bad input or usage,
 nothing generated; 130 interrupted (checkpoint safe: run the same command again to resume)
@@ -141,7 +143,91 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=_positive_int, default=None, help="sdbatch's batch size [auto]")
     bench.add_argument("--compile", action="store_true", help="add the sdbatch-compile variant")
     bench.add_argument("--out", type=Path, required=True, help="folder for bench.json, bench.md and the images")
+    _training_parsers(commands)
     return parser
+
+
+PREPARE_EXAMPLES = """\
+examples:
+  sdbatch prepare-dataset photos/ data/train --size 512                 # square, centre-cropped
+  sdbatch prepare-dataset outputs/night1 data/night1 --size 512         # an sdbatch output: prompts become captions
+  sdbatch prepare-dataset photos/ data/train --size 512 --buckets --crop random --min-size 384
+
+SRC: images with optional same-name .txt captions, an imagefolder with metadata.jsonl
+(text/caption/prompt column), or an sdbatch output folder. DST gets 0000.png + 0000.txt,
+metadata.jsonl (load it with datasets' "imagefolder"), prepare.json and summary.json.
+Rerunning adds only new images. Exit codes: 0 all kept; 1 some files skipped (listed in
+summary.json); 2 bad input, nothing written.
+"""
+
+TRAIN_EXAMPLES = """\
+examples:
+  sdbatch train-lora data/train --model stable-diffusion-v1-5/stable-diffusion-v1-5 --out loras/mine \\
+      --max-steps 1000 --rank 4 --lr 1e-4 --validation-prompt "a photo of sks dog" --validation-every 250
+  sdbatch train-lora data/purple --model tiny --out loras/purple --resolution 128 --max-steps 300 \\
+      --batch-size 8 --lr 1e-3 --rank 8                                # the embedded model, on a CPU
+  sdbatch train-lora data/train --out loras/mine --resume latest        # after an interruption
+  accelerate launch -m batch.cli train-lora data/train --out loras/mine # several GPUs
+
+DIR gets checkpoint-<step>/ (adapter, optimizer, LR schedule, RNG), final/pytorch_lora_weights.safetensors
+(diffusers: load_lora_weights, sdbatch's lora column) and final/<name>.safetensors (kohya: AUTOMATIC1111,
+ComfyUI), loss.csv, train.json, validation/ and validation.html. Advice on rank, steps and lr: README.
+Exit codes: 0 done; 1 stopped on a non-finite loss (last good checkpoint kept); 2 bad input, nothing
+loaded; 130 interrupted (a checkpoint is saved: rerun with --resume latest).
+"""
+
+
+def _training_parsers(commands) -> None:
+    from .train.lora import LR_SCHEDULERS
+
+    prepare = commands.add_parser(
+        "prepare-dataset", help="images (+ captions) -> a training folder (NNNN.png + .txt, metadata.jsonl)",
+        epilog=PREPARE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prepare.add_argument("src", type=Path, help="folder of images, imagefolder, or sdbatch output folder")
+    prepare.add_argument("dst", type=Path, help="training folder to write (or to add new images to)")
+    prepare.add_argument("--size", type=int, default=512, help="output side in pixels, a multiple of 8 [512]")
+    prepare.add_argument("--crop", default="center", choices=["center", "random", "none"],
+                         help="center/random: square crops; none: whole image, longer side = size [center]")
+    prepare.add_argument("--buckets", action="store_true", help="aspect-ratio buckets of about size x size pixels")
+    prepare.add_argument("--min-size", type=int, default=0, help="skip images whose shorter side is smaller [0]")
+    prepare.add_argument("--seed", type=int, default=0, help="random crops [0]")
+    prepare.add_argument("--caption", default="", help="caption for images that have none [\"\"]")
+    prepare.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    train = commands.add_parser(
+        "train-lora", help="train a LoRA on a training folder (accelerate + peft)",
+        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("dataset", type=Path, help="a training folder (from prepare-dataset, or NNNN.png + .txt)")
+    train.add_argument("--out", type=Path, required=True, help="folder for checkpoints, the adapter and logs")
+    train.add_argument("--model", default=DEFAULT_MODEL, help=f"base model: hub id, folder, file or 'tiny' [{DEFAULT_MODEL}]")
+    train.add_argument("--rank", type=int, default=4, help="LoRA rank: 2 fast, 4 balanced, 8-16 detailed [4]")
+    train.add_argument("--alpha", type=float, default=None, help="LoRA alpha (scale = alpha / rank) [= rank]")
+    train.add_argument("--lr", type=float, default=1e-4, help="learning rate [1e-4]")
+    train.add_argument("--lr-scheduler", default="constant", choices=list(LR_SCHEDULERS), help="[constant]")
+    train.add_argument("--lr-warmup-steps", type=int, default=0, help="[0]")
+    train.add_argument("--max-steps", type=int, default=500, help="optimizer steps [500]")
+    train.add_argument("--batch-size", type=int, default=1, help="images per step per device [1]")
+    train.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps [1]")
+    train.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"],
+                       help="frozen weights in fp16/bf16; LoRA weights stay fp32 [no]")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="less memory, about 20%% slower")
+    train.add_argument("--seed", type=int, default=0, help="[0]")
+    train.add_argument("--resolution", type=int, default=None, help="square-crop every image to this [each image's size]")
+    train.add_argument("--random-flip", action="store_true", help="mirror half the images at random")
+    train.add_argument("--caption-dropout", type=float, default=0.0, help="share of empty captions [0]")
+    train.add_argument("--snr-gamma", type=float, default=None, help="min-SNR loss weighting (5 is usual) [off]")
+    train.add_argument("--noise-offset", type=float, default=0.0, help="[0]")
+    train.add_argument("--cache-latents", action="store_true", help="encode every image once (same result, faster)")
+    train.add_argument("--checkpoint-every", type=int, default=100, help="save a resumable checkpoint every N steps [100]")
+    train.add_argument("--keep-checkpoints", type=int, default=None, help="keep only the newest K checkpoints [all]")
+    train.add_argument("--resume", default=None, metavar="latest|DIR", help="continue from DIR's newest checkpoint, or from DIR")
+    train.add_argument("--validation-prompt", action="append", default=[], help="repeatable; images at each validation")
+    train.add_argument("--validation-every", type=int, default=None, help="steps between validations [--checkpoint-every]")
+    train.add_argument("--validation-images", type=int, default=2, help="images per validation prompt [2]")
+    train.add_argument("--name", default=None, help="stem of the kohya file [DIR's name]")
+    train.add_argument("--device", default="auto", help="auto or cpu (under accelerate launch: the launcher's) [auto]")
+    train.add_argument("--quiet", action="store_true", help="no progress bar: a log line every 10 s")
+
 
 
 def _defaults(args) -> Defaults:
@@ -350,6 +436,44 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_prepare_dataset(args) -> int:
+    from .progress import Progress
+    from .train.prepare import PrepareOptions, prepare_dataset
+
+    options = PrepareOptions(size=args.size, crop=args.crop, buckets=args.buckets, min_size=args.min_size,
+                             seed=args.seed, caption=args.caption)
+    with Progress(0, quiet=args.quiet) as progress:
+        summary = prepare_dataset(args.src, args.dst, options, progress)
+    skipped = ", ".join(f"{len(files)} {reason.replace('_', ' ')}" for reason, files in sorted(summary.skipped.items()))
+    print(f"{summary.kept} images in {args.dst} ({summary.added} added now, {summary.already} from before); "
+          f"skipped: {skipped or 'none'}; captions missing: {summary.captions_missing}")
+    for reason, files in sorted(summary.skipped.items()):
+        for name in files[:20]:
+            print(f"  skipped ({reason.replace('_', ' ')}): {name}", file=sys.stderr)
+    return 1 if summary.skipped_count else 0
+
+
+def cmd_train_lora(args) -> int:
+    from .train.lora import LoraTrainConfig, train_lora
+
+    config = LoraTrainConfig(
+        dataset=args.dataset, out=args.out, model=args.model, rank=args.rank, alpha=args.alpha, lr=args.lr,
+        lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps, max_steps=args.max_steps,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, seed=args.seed, resolution=args.resolution,
+        random_flip=args.random_flip, caption_dropout=args.caption_dropout, snr_gamma=args.snr_gamma,
+        noise_offset=args.noise_offset, cache_latents=args.cache_latents, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints, resume=args.resume, validation_prompts=tuple(args.validation_prompt),
+        validation_every=args.validation_every, validation_images=args.validation_images, name=args.name,
+        device=args.device, quiet=args.quiet)
+    result = train_lora(config)
+    if result.interrupted:
+        print(f"interrupted at step {result.step}: run the same command with --resume latest", file=sys.stderr)
+    else:
+        print(f"trained {result.step} steps -> {result.final} (diffusers) and {result.kohya} (kohya/A1111)")
+    return result.exit_code
+
+
 def cmd_compare(args) -> int:
     from .compare import compare, load_report, to_json, to_markdown
 
@@ -380,7 +504,8 @@ def run_cli(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(getattr(args, "quiet", False))
     handler = {"run": cmd_run, "validate": cmd_validate, "status": cmd_status, "report": cmd_report,
-               "compare": cmd_compare, "bench": cmd_bench}[args.command]
+               "compare": cmd_compare, "bench": cmd_bench, "prepare-dataset": cmd_prepare_dataset,
+               "train-lora": cmd_train_lora}[args.command]
     try:
         return handler(args)
     except BatchError as e:

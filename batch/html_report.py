@@ -221,7 +221,7 @@ def _figure(meta: dict, images: Path) -> str:
     tooltip = "\n".join(filter(None, [
         stem, prompt, f"Negative prompt: {meta['negative_prompt']}" if meta.get("negative_prompt") else "",
         f"seed {meta.get('seed')}, steps {meta.get('steps')}, cfg {meta.get('cfg')}, {meta.get('scheduler')}"]))
-    uri = _thumbnail(images / name) if name else None
+    uri = thumbnail_uri(images / name) if name else None
     picture = (f"<img src=\"{uri}\" alt=\"{_e(stem)}\" title=\"{_e(tooltip)}\">" if uri
                else f"<div class=missing title=\"{_e(tooltip)}\">file missing</div>")
     short = prompt if len(prompt) <= 90 else prompt[:87] + "..."
@@ -229,7 +229,7 @@ def _figure(meta: dict, images: Path) -> str:
             f"<br><span class=p>{_e(short)}</span></figcaption></figure>")
 
 
-def _thumbnail(path: Path) -> str | None:
+def thumbnail_uri(path: Path) -> str | None:
     """A small JPEG data URI, or None when the file is gone or does not decode."""
     from PIL import Image
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import colorsys
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -43,8 +43,8 @@ class Score(NamedTuple):
     n: int
 
 
-def judge(image: Image.Image) -> Verdict:
-    """Name the colour and shape of the largest object that stands out from the background."""
+def judge(image: Image.Image, palette: Mapping[str, tuple[int, int, int]] = COLOURS) -> Verdict:
+    """Name the colour (among `palette`'s) and shape of the largest object that stands out from the background."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     # Smoothing first keeps noise and JPEG speckle from breaking the object into pieces.
     sigma = max(1.0, min(pixels.shape[:2]) / 128)
@@ -55,7 +55,7 @@ def judge(image: Image.Image) -> Verdict:
         return Verdict(None, None, 0.0 if mask is None else float(mask.mean()))
     rgb = _object_colour(pixels, mask, background)
     shape, fill, distance = _shape(mask)
-    return Verdict(_nearest_colour(rgb), shape, float(mask.mean()), fill, rgb, distance)
+    return Verdict(_nearest_colour(rgb, palette), shape, float(mask.mean()), fill, rgb, distance)
 
 
 def score(images_and_expected: Iterable[tuple[Image.Image, str, str]]) -> Score:
@@ -113,17 +113,17 @@ def _hue(rgb: tuple[int, int, int]) -> float:
     return colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0]
 
 
-def _nearest_colour(rgb: tuple[int, int, int]) -> str | None:
+def _nearest_colour(rgb: tuple[int, int, int], palette: Mapping[str, tuple[int, int, int]] = COLOURS) -> str | None:
     """The palette colour nearest in hue, or None for a grey object."""
     if max(rgb) - min(rgb) < MIN_CHROMA:
         return None
     hue = _hue(rgb)
 
     def gap(name: str) -> float:
-        d = abs(hue - _hue(COLOURS[name]))
+        d = abs(hue - _hue(palette[name]))
         return min(d, 1 - d)
 
-    return min(COLOURS, key=gap)
+    return min(palette, key=gap)
 
 
 def _features(mask: np.ndarray) -> np.ndarray:

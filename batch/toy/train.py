@@ -61,6 +61,10 @@ class TrainConfig:
     partial_caption: float = 0.2  # "red" or "circle" alone: negative prompts can name one attribute
     image_condition: float = 0.25  # condition on the repeated image embedding instead (clip_embed rows)
     clip_weight: float = 0.5  # contrastive loss between image and caption embeddings
+    # a wrong caption at low noise, where the pixels already say what is drawn: img2img at low strength
+    # keeps its init image under any prompt, instead of repainting it (a case training never showed)
+    mismatch: float = 0.25
+    mismatch_below: int = 450  # timesteps
     # IP-Adapter
     ip_steps: int = 1500
     ip_tokens: int = 4
@@ -204,6 +208,15 @@ def pick_caption(scene, rng: random.Random, config: TrainConfig) -> str:
     return full
 
 
+def mismatched_caption(scene, rng: random.Random) -> str:
+    """A full caption that names another colour and another shape than the drawing's."""
+    from .world import COLOURS, SHAPES
+
+    colour = rng.choice([c for c in sorted(COLOURS) if c != scene.colour])
+    shape = rng.choice([s for s in sorted(SHAPES) if s != scene.shape])
+    return f"a {colour} {shape}"
+
+
 def train_main(text_encoder, unet, vision, tokenizer, latents, clip_pixels, scenes, config: TrainConfig) -> None:
     """Noise prediction on captions or image embeddings, plus the mini-CLIP loss."""
     import torch
@@ -228,7 +241,9 @@ def train_main(text_encoder, unet, vision, tokenizer, latents, clip_pixels, scen
     started = time.perf_counter()
     for step in range(config.steps):
         index = torch.randint(len(latents), (config.batch,), generator=generator)
-        captions = [pick_caption(scenes[i], rng, config) for i in index.tolist()]
+        t = torch.randint(noise_schedule.config.num_train_timesteps, (config.batch,), generator=generator)
+        captions = [mismatched_caption(scenes[i], rng) if t_i < config.mismatch_below and rng.random() < config.mismatch
+                    else pick_caption(scenes[i], rng, config) for i, t_i in zip(index.tolist(), t.tolist())]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
         text = text_encoder(ids)
@@ -239,11 +254,11 @@ def train_main(text_encoder, unet, vision, tokenizer, latents, clip_pixels, scen
         repeated = image_embeds[:, None, :].expand(-1, hidden.shape[1], -1)
         condition = torch.where(use_image[:, None, None], repeated, hidden)
 
-        diffusion = denoising_loss(unet, noise_schedule, snr, latents[index], generator, config,
+        diffusion = denoising_loss(unet, noise_schedule, snr, latents[index], generator, config, t=t,
                                    encoder_hidden_states=condition)
 
-        # mini-CLIP on full captions only (a single word or "" describes several drawings)
-        full = torch.tensor([c.count(" ") == 2 for c in captions])
+        # mini-CLIP on true full captions only (a single word or "" describes several drawings)
+        full = torch.tensor([c == caption_choices(scenes[i])[0] for i, c in zip(index.tolist(), captions)])
         clip = torch.zeros(())
         if full.sum() > 1:
             image = F.normalize(image_embeds[full], dim=-1)
@@ -274,7 +289,7 @@ def _snr(noise_schedule):
     return alphas / (1 - alphas)
 
 
-def denoising_loss(unet, noise_schedule, snr, x0, generator, config: TrainConfig, **conditioning):
+def denoising_loss(unet, noise_schedule, snr, x0, generator, config: TrainConfig, t=None, **conditioning):
     """v-prediction loss with min-SNR-γ weights, over random timesteps.
 
     v (SD 2's parameterisation) keeps the high-noise steps, where colour and layout are
@@ -283,7 +298,8 @@ def denoising_loss(unet, noise_schedule, snr, x0, generator, config: TrainConfig
     import torch
 
     noise = torch.randn(x0.shape, generator=generator)
-    t = torch.randint(noise_schedule.config.num_train_timesteps, (len(x0),), generator=generator)
+    if t is None:
+        t = torch.randint(noise_schedule.config.num_train_timesteps, (len(x0),), generator=generator)
     noisy = noise_schedule.add_noise(x0, noise, t)
     predicted = unet(noisy, t, **conditioning).sample
     target = noise_schedule.get_velocity(x0, noise, t)

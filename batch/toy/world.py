@@ -15,6 +15,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 210, 20),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Drawable, but never in the embedded model's training data: a concept for a LoRA to teach it.
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {
+    "purple": (150, 40, 200),
+}
+PALETTE = {**COLOURS, **NEW_COLOURS}
 
 SUPERSAMPLE = 4  # drawn this much larger, then downsampled, for smooth edges
 
@@ -37,8 +42,8 @@ def caption(scene: Scene) -> str:
 
 def sample_scene(rng: random.Random, size: int = 128, colour: str | None = None, shape: str | None = None) -> Scene:
     """A random scene on a size×size canvas; colour and shape are random unless given."""
-    if colour is not None and colour not in COLOURS:
-        raise ValueError(f"`colour` must be one of {sorted(COLOURS)} but is {colour!r}.")
+    if colour is not None and colour not in PALETTE:
+        raise ValueError(f"`colour` must be one of {sorted(PALETTE)} but is {colour!r}.")
     if shape is not None and shape not in SHAPES:
         raise ValueError(f"`shape` must be one of {list(SHAPES)} but is {shape!r}.")
     colour = colour or rng.choice(sorted(COLOURS))
@@ -64,7 +69,7 @@ def draw(scene: Scene, size: int = 128) -> Image.Image:
     big = Image.new("RGB", (size * SUPERSAMPLE, size * SUPERSAMPLE), scene.background)
     pen = ImageDraw.Draw(big)
     left, top, right, bottom = (v * SUPERSAMPLE for v in (x - half, y - half, x + half, y + half))
-    fill = COLOURS[scene.colour]
+    fill = PALETTE[scene.colour]
     if scene.shape == "circle":
         pen.ellipse((left, top, right, bottom), fill=fill)
     elif scene.shape == "square":
@@ -84,3 +89,44 @@ def dataset(count: int, seed: int, size: int = 128) -> list[tuple[Image.Image, s
         scene = sample_scene(random.Random(f"{seed}/{index}"), size, colour, shape)
         items.append((draw(scene, size), caption(scene), scene))
     return items
+
+
+def write_folder(folder, count: int, seed: int, size: int = 128, colours=None, shapes=SHAPES) -> list:
+    """`count` drawings as NNNN.png + NNNN.txt (the caption) in `folder`, cycling through colours x shapes."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = list(itertools.product(colours or sorted(COLOURS), shapes))
+    paths = []
+    for index in range(count):
+        colour, shape = pairs[index % len(pairs)]
+        scene = sample_scene(random.Random(f"{seed}/{index}"), size, colour, shape)
+        path = folder / f"{index:04d}.png"
+        draw(scene, size).save(path)
+        path.with_suffix(".txt").write_text(caption(scene) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Draw a folder of the world: the stand-in for "a folder of images you collected"."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m batch.toy.world", description=main.__doc__,
+        epilog="example: python -m batch.toy.world data/purple --colour purple --count 48")
+    parser.add_argument("folder")
+    parser.add_argument("--colour", action="append", choices=sorted(PALETTE),
+                        help="repeatable [the four the model knows]")
+    parser.add_argument("--shape", action="append", choices=SHAPES, help=f"repeatable [{', '.join(SHAPES)}]")
+    parser.add_argument("--count", type=int, default=48, help="[48]")
+    parser.add_argument("--size", type=int, default=128, help="[128]")
+    parser.add_argument("--seed", type=int, default=0, help="[0]")
+    args = parser.parse_args(argv)
+    paths = write_folder(args.folder, args.count, args.seed, args.size, args.colour, tuple(args.shape or SHAPES))
+    print(f"drew {len(paths)} images with captions in {args.folder}")
+
+
+if __name__ == "__main__":
+    main()
