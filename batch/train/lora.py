@@ -91,7 +91,8 @@ class LoraTrainConfig:
     def settings(self) -> dict:
         """The training settings as plain JSON (written into train.json and both adapter files)."""
         keep = {k: v for k, v in asdict(self).items() if k not in ("dataset", "out", "resume", "quiet", "device")}
-        keep["alpha"] = self.alpha if self.alpha is not None else self.rank
+        alpha = self.alpha if self.alpha is not None else self.rank
+        keep["alpha"] = int(alpha) if float(alpha).is_integer() else alpha  # "8", as kohya writes it, not "8.0"
         keep["target_modules"] = list(self.target_modules)
         keep["validation_prompts"] = list(self.validation_prompts)
         keep["dataset"] = str(Path(self.dataset).resolve())
