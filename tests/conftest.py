@@ -20,6 +20,26 @@ from batch.cli import run_cli  # noqa: E402
 FAST = ["--model", "tiny", "--device", "cpu", "--steps", "3", "--width", "64", "--height", "64"]
 
 
+# --- quality figures: each quality test names its figure; SDBATCH_QUALITY_REPORT=path writes them all ----
+
+FIGURES: dict[str, str] = {}
+
+
+def record_figure(name: str, text: str) -> str:
+    FIGURES[name] = text
+    print(f"{name}: {text}")
+    return text
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quality_report():
+    yield
+    path = os.environ.get("SDBATCH_QUALITY_REPORT")
+    if path and FIGURES:
+        lines = ["| check | figure |", "|---|---|"] + [f"| {name} | {text} |" for name, text in FIGURES.items()]
+        Path(path).write_text("\n".join(lines) + "\n")
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import colorsys
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from batch.toy.world import COLOURS, SHAPES, Scene, draw
+from batch.toy.world import ALL_SHAPES, COLOURS, SHAPES, Scene, draw
 
 MIN_CONTRAST = 40.0  # RGB distance from the background that counts as "something drawn"
 MIN_FOREGROUND = 0.01  # an object smaller than this fraction of the image is noise, not a shape
@@ -43,8 +43,8 @@ class Score(NamedTuple):
     n: int
 
 
-def judge(image: Image.Image, palette: Mapping[str, tuple[int, int, int]] = COLOURS) -> Verdict:
-    """Name the colour (among `palette`'s) and shape of the largest object that stands out from the background."""
+def judge(image: Image.Image, shapes: Sequence[str] = SHAPES) -> Verdict:
+    """Name the colour and shape (one of `shapes`) of the largest object that stands out from the background."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
     # Smoothing first keeps noise and JPEG speckle from breaking the object into pieces.
     sigma = max(1.0, min(pixels.shape[:2]) / 128)
@@ -54,8 +54,8 @@ def judge(image: Image.Image, palette: Mapping[str, tuple[int, int, int]] = COLO
     if mask is None or mask.mean() < MIN_FOREGROUND:
         return Verdict(None, None, 0.0 if mask is None else float(mask.mean()))
     rgb = _object_colour(pixels, mask, background)
-    shape, fill, distance = _shape(mask)
-    return Verdict(_nearest_colour(rgb, palette), shape, float(mask.mean()), fill, rgb, distance)
+    shape, fill, distance = _shape(mask, shapes)
+    return Verdict(_nearest_colour(rgb), shape, float(mask.mean()), fill, rgb, distance)
 
 
 def score(images_and_expected: Iterable[tuple[Image.Image, str, str]]) -> Score:
@@ -113,17 +113,17 @@ def _hue(rgb: tuple[int, int, int]) -> float:
     return colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0]
 
 
-def _nearest_colour(rgb: tuple[int, int, int], palette: Mapping[str, tuple[int, int, int]] = COLOURS) -> str | None:
+def _nearest_colour(rgb: tuple[int, int, int]) -> str | None:
     """The palette colour nearest in hue, or None for a grey object."""
     if max(rgb) - min(rgb) < MIN_CHROMA:
         return None
     hue = _hue(rgb)
 
     def gap(name: str) -> float:
-        d = abs(hue - _hue(palette[name]))
+        d = abs(hue - _hue(COLOURS[name]))
         return min(d, 1 - d)
 
-    return min(palette, key=gap)
+    return min(COLOURS, key=gap)
 
 
 def _features(mask: np.ndarray) -> np.ndarray:
@@ -144,7 +144,7 @@ def _profile(values: np.ndarray) -> np.ndarray:
 def _prototypes(size: int = 256) -> dict[str, np.ndarray]:
     """Features of each shape as the world itself draws it, so the judge and the world cannot drift apart."""
     prototypes = {}
-    for shape in SHAPES:
+    for shape in ALL_SHAPES:
         grey = (230, 230, 230)
         pixels = np.asarray(draw(Scene("red", shape, int(size * 0.8), (size / 2, size / 2), grey), size), np.float32)
         prototypes[shape] = _features(np.linalg.norm(pixels - grey, axis=2) > MIN_CONTRAST)
@@ -154,10 +154,10 @@ def _prototypes(size: int = 256) -> dict[str, np.ndarray]:
 PROTOTYPES = _prototypes()
 
 
-def _shape(mask: np.ndarray) -> tuple[str | None, float, float]:
-    """The nearest prototype shape (None if none is near, or the object is long and thin), fill ratio, distance."""
+def _shape(mask: np.ndarray, shapes: Sequence[str] = SHAPES) -> tuple[str | None, float, float]:
+    """The nearest of `shapes` (None if none is near, or the object is long and thin), fill ratio, distance."""
     features = _features(mask)
-    distances = {shape: float(np.sqrt(np.mean((features - p) ** 2))) for shape, p in PROTOTYPES.items()}
+    distances = {shape: float(np.sqrt(np.mean((features - PROTOTYPES[shape]) ** 2))) for shape in shapes}
     nearest = min(distances, key=distances.get)
     rows, cols = np.nonzero(mask)
     height, width = np.ptp(rows) + 1, np.ptp(cols) + 1

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
 import signal
 from pathlib import Path
 
 import pytest
-from conftest import cli, done_count, read_metadata, start_run, wait_for_done, write_jsonl
+from conftest import cli, done_count, read_metadata, record_figure, start_run, wait_for_done, write_jsonl
 from judge import judge
 from PIL import Image
 
@@ -28,7 +27,6 @@ DEFAULTS = ["--model", "tiny", "--device", "cpu", "--steps", "20", "--cfg", "7.5
             "--scheduler", "dpmpp_2m_karras", "--quiet"]
 PAIRS = list(itertools.product(sorted(COLOURS), SHAPES))  # 12 (colour, shape)
 SEEDS = (11, 22)
-FIGURES: dict[str, str] = {}
 # Checks the shipped model does not meet yet: strict, so they fail (and must be unmarked) the day it does.
 # Figures and what was tried: reports/quality-2026-11-25.md.
 NOT_YET = {
@@ -36,21 +34,6 @@ NOT_YET = {
     "multistep": "pndm and lms (linear multistep) turn red and yellow prompts to noise at CFG 7.5 (7/12)",
     "img2img": "strength 0.3 under a conflicting prompt keeps the init's colour and shape 5/12",
 }
-
-
-def _record(name: str, text: str) -> str:
-    FIGURES[name] = text
-    print(f"{name}: {text}")
-    return text
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _quality_report():
-    yield
-    path = os.environ.get("SDBATCH_QUALITY_REPORT")
-    if path and FIGURES:
-        lines = ["| check | figure |", "|---|---|"] + [f"| {name} | {text} |" for name, text in FIGURES.items()]
-        Path(path).write_text("\n".join(lines) + "\n")
 
 
 def _verdicts(out: Path) -> dict[str, tuple]:
@@ -124,7 +107,7 @@ def _adherence(verdicts: dict, prefix: str) -> tuple[int, int, int]:
 
 def test_txt2img_draws_the_prompted_colour_and_shape(main_run):
     colour, shape, n = _adherence(main_run, "t-")
-    text = _record("txt2img (24 images)", f"colour right {colour}/{n}, shape right {shape}/{n}")
+    text = record_figure("txt2img (24 images)", f"colour right {colour}/{n}, shape right {shape}/{n}")
     assert _share(colour, n) >= 0.90 and _share(shape, n) >= 0.80, text
 
 
@@ -136,7 +119,7 @@ def test_guidance_raises_adherence(main_run):
 
     high, n = both("t-")
     low, _ = both("cfg1-")
-    text = _record("CFG 7.5 vs 1.0", f"colour and shape right {high}/{n} at CFG 7.5, {low}/{n} at CFG 1.0")
+    text = record_figure("CFG 7.5 vs 1.0", f"colour and shape right {high}/{n} at CFG 7.5, {low}/{n} at CFG 1.0")
     assert high - low >= 0.2 * n, text
 
 
@@ -145,7 +128,7 @@ def test_guidance_raises_adherence(main_run):
     else name for name in SCHEDULERS])
 def test_every_scheduler_draws_the_prompted_colour(main_run, scheduler):
     colour, shape, n = _adherence(main_run, f"s-{scheduler}-")
-    text = _record(f"scheduler {scheduler}", f"colour right {colour}/{n}, shape right {shape}/{n}")
+    text = record_figure(f"scheduler {scheduler}", f"colour right {colour}/{n}, shape right {shape}/{n}")
     assert n == 12 and _share(colour, n) >= 0.80, text
 
 
@@ -157,7 +140,7 @@ def test_a_colour_in_the_negative_prompt_appears_less(main_run):
     per_colour = {colour: (baseline.count(colour), sum(c == colour for key, (c, _, m) in main_run.items()
                                                        if key.startswith(f"neg-{colour}-")))
                   for colour in sorted(COLOURS)}
-    text = _record("negative prompt", f"named colour appears {with_negative} times with it negated vs {without} "
+    text = record_figure("negative prompt", f"named colour appears {with_negative} times with it negated vs {without} "
                                       f"without (24 images per colour; per colour without/with: {per_colour})")
     assert with_negative <= 0.5 * without and without >= 12, text
 
@@ -168,7 +151,7 @@ def test_img2img_strength_keeps_or_replaces_the_init_image(main_run):
            if key.startswith("i2i-0.3-")]
     high = [(c == m["want_colour"] and s == m["want_shape"]) for key, (c, s, m) in main_run.items()
             if key.startswith("i2i-1.0-")]
-    text = _record("img2img", f"strength 0.3 keeps the init's colour and shape {sum(low)}/{len(low)}; "
+    text = record_figure("img2img", f"strength 0.3 keeps the init's colour and shape {sum(low)}/{len(low)}; "
                               f"strength 1.0 follows the prompt {sum(high)}/{len(high)}")
     assert _share(sum(low), len(low)) >= 0.90 and _share(sum(high), len(high)) >= 0.80, text
 
@@ -176,7 +159,7 @@ def test_img2img_strength_keeps_or_replaces_the_init_image(main_run):
 @pytest.mark.parametrize("method", ["ip_adapter", "clip_embed"])
 def test_an_image_prompt_gives_its_colour(main_run, method):
     colour, shape, n = _adherence(main_run, f"ip-{method}-")
-    text = _record(f"image prompt ({method})", f"reference colour {colour}/{n}, reference shape {shape}/{n}")
+    text = record_figure(f"image prompt ({method})", f"reference colour {colour}/{n}, reference shape {shape}/{n}")
     assert n == 12 and _share(colour, n) >= 0.80, text
 
 
@@ -198,7 +181,7 @@ def test_batch_size_does_not_change_the_verdicts(txt2img_manifest, tmp_path):
         assert cli(txt2img_manifest, *DEFAULTS, "--out", out, "--batch-size", size) == 0
         runs[size] = _verdict_pairs(out)
     same = sum(runs[1][k] == runs[8][k] for k in runs[1])
-    text = _record("batch size 1 vs 8", f"same verdict {same}/{len(runs[1])}")
+    text = record_figure("batch size 1 vs 8", f"same verdict {same}/{len(runs[1])}")
     assert same == len(runs[1]) == 24, text
 
 
@@ -215,7 +198,7 @@ def test_a_killed_and_resumed_run_gives_the_same_verdicts(txt2img_manifest, tmp_
     assert cli(txt2img_manifest, *DEFAULTS, "--out", out) == 0
     expected, resumed = _verdict_pairs(whole), _verdict_pairs(out)
     same = sum(expected[k] == resumed.get(k) for k in expected)
-    text = _record("resume after SIGKILL", f"killed at {killed_at}/24 done; same verdict {same}/{len(expected)}")
+    text = record_figure("resume after SIGKILL", f"killed at {killed_at}/24 done; same verdict {same}/{len(expected)}")
     assert same == len(expected) == 24 and killed_at < 24, text
     assert json.loads((out / "report.json").read_text())["totals"]["done"] == 24
 
@@ -233,6 +216,6 @@ def test_gpu_fp16_gives_the_cpu_verdicts(txt2img_manifest, tmp_path):
         assert cli(txt2img_manifest, *options, "--out", outs[device]) == 0
     cpu, gpu = _verdict_pairs(outs["cpu"]), _verdict_pairs(outs["cuda"])
     same = sum(cpu[k] == gpu[k] for k in cpu)
-    text = _record("CPU fp32 vs GPU fp16", f"same verdict {same}/{len(cpu)}")
+    text = record_figure("CPU fp32 vs GPU fp16", f"same verdict {same}/{len(cpu)}")
     assert same >= len(cpu) - 1, text  # fp16 may tip one borderline image
     assert json.loads((outs["cuda"] / "report.json").read_text())["run"]["dtype"] == "fp16"

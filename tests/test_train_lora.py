@@ -23,18 +23,18 @@ TRAIN = ["--model", "tiny", "--device", "cpu", "--batch-size", "2", "--lr", "1e-
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """Six drawings of the new colour, prepared at the model's native 128 px."""
-    root = tmp_path_factory.mktemp("purple")
-    write_folder(root / "raw", 6, seed=1, colours=["purple"])
+    """Six drawings of the new shape, prepared at the model's native 128 px."""
+    root = tmp_path_factory.mktemp("diamonds")
+    write_folder(root / "raw", 6, seed=1, shapes=("diamond",))
     assert cli("prepare-dataset", root / "raw", root / "data", "--size", "128", "--quiet") == 0
     return root / "data"
 
 
 @pytest.fixture(scope="module")
 def trained(dataset, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run") / "purple-lora"
+    out = tmp_path_factory.mktemp("run") / "diamond-lora"
     code = cli("train-lora", dataset, "--out", out, *TRAIN, "--max-steps", "4", "--checkpoint-every", "2",
-               "--rank", "4", "--alpha", "8", "--validation-prompt", "a purple circle", "--validation-images", "1")
+               "--rank", "4", "--alpha", "8", "--validation-prompt", "a red diamond", "--validation-images", "1")
     assert code == 0
     return out
 
@@ -52,7 +52,7 @@ def test_a_run_writes_checkpoints_both_formats_the_loss_log_and_validation(train
     assert run["finished"] is True and run["step"] == 4 and run["images"] == 6 and run["settings"]["alpha"] == 8
 
     diffusers_file = trained / "final" / "pytorch_lora_weights.safetensors"
-    kohya_file = trained / "final" / "purple-lora.safetensors"
+    kohya_file = trained / "final" / "diamond-lora.safetensors"
     diffusers_keys = load_file(str(diffusers_file))
     assert diffusers_keys and all(k.startswith("unet.") for k in diffusers_keys)
     kohya = load_file(str(kohya_file))
@@ -78,7 +78,7 @@ def test_a_run_writes_checkpoints_both_formats_the_loss_log_and_validation(train
 
 def _generate(pipe, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    image = pipe("a purple circle", num_inference_steps=8, generator=generator, height=128, width=128,
+    image = pipe("a red diamond", num_inference_steps=8, generator=generator, height=128, width=128,
                  output_type="np").images[0]
     return image
 
@@ -93,7 +93,7 @@ def test_both_formats_load_through_load_lora_weights_change_images_and_agree(tra
     with_diffusers = _generate(pipe)
     pipe.unload_lora_weights()
     assert np.abs(_generate(pipe) - base).max() < 1e-5, "unloading restores the base model"
-    pipe.load_lora_weights(str(trained / "final" / "purple-lora.safetensors"))  # kohya keys, alpha 8 / rank 4
+    pipe.load_lora_weights(str(trained / "final" / "diamond-lora.safetensors"))  # kohya keys, alpha 8 / rank 4
     with_kohya = _generate(pipe)
     assert np.abs(with_diffusers - base).max() > 0.02, "the adapter must change the image"
     # the same weights through both converters (alpha scale included): the same image
@@ -103,9 +103,9 @@ def test_both_formats_load_through_load_lora_weights_change_images_and_agree(tra
 def test_a_manifest_row_with_the_trained_lora_runs(trained, tmp_path):
     adapter = trained / "final" / "pytorch_lora_weights.safetensors"
     manifest = write_jsonl(tmp_path / "m.jsonl", [
-        {"id": "plain", "prompt": "a purple circle", "seed": 5},
-        {"id": "lora", "prompt": "a purple circle", "seed": 5, "lora": str(adapter)},
-        {"id": "kohya", "prompt": "a purple circle", "seed": 5, "lora": str(trained / "final" / "purple-lora.safetensors")},
+        {"id": "plain", "prompt": "a red diamond", "seed": 5},
+        {"id": "lora", "prompt": "a red diamond", "seed": 5, "lora": str(adapter)},
+        {"id": "kohya", "prompt": "a red diamond", "seed": 5, "lora": str(trained / "final" / "diamond-lora.safetensors")},
     ])
     out = tmp_path / "out"
     assert cli(manifest, "--model", "tiny", "--device", "cpu", "--steps", "8", "--width", "128", "--height", "128",
