@@ -3,6 +3,13 @@
 An image is `done` only after its file is fully written (temp file, fsync, rename) and
 its row is committed here, and a commit is on disk (fsynced) before the run goes on, so it
 survives power loss. WAL mode lets `status` read while a run writes.
+
+Several processes (see ranks.py): rank 0 registers the run's images in `checkpoint.sqlite`,
+and every rank records what it makes in its own `journal-rank<R>.sqlite` (one writer per
+file; rollback journal, not WAL, so a network filesystem is safe). Readers (`status`,
+`report`, a resume with any number of processes) see `checkpoint.sqlite` with every journal
+laid over it (`Checkpoint.merged`); the next run that writes absorbs the journals into
+`checkpoint.sqlite` and removes them.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from .errors import OutputError
 from .job import ImageTask
 
 FILE_NAME = "checkpoint.sqlite"
+JOURNAL_GLOB = "journal-rank*.sqlite"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     id TEXT NOT NULL,
@@ -47,7 +55,17 @@ CREATE TABLE IF NOT EXISTS groups (
     stats TEXT NOT NULL,           -- JSON: one entry of the report's "groups"
     PRIMARY KEY (run, idx)
 );
+CREATE TABLE IF NOT EXISTS ranks (  -- runs under a launcher: what each process did
+    run INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    stats TEXT NOT NULL,           -- JSON: {rank, host, device, images, seconds, images_per_s}
+    PRIMARY KEY (run, rank)
+);
 """
+
+
+def journal_name(rank: int) -> str:
+    return f"journal-rank{rank}.sqlite"
 
 
 _FILE_COLUMNS = ('"init_image"', '"prompt_image"', '"lora"')
@@ -91,7 +109,7 @@ class Outcome:
 
 
 class Checkpoint:
-    def __init__(self, path: Path, readonly: bool = False):
+    def __init__(self, path: Path, readonly: bool = False, wal: bool = True):
         self.path = Path(path)
         if readonly:
             if not self.path.exists():
@@ -99,12 +117,77 @@ class Checkpoint:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
         else:
             self.db = sqlite3.connect(self.path, timeout=30)
-            self.db.execute("PRAGMA journal_mode=WAL")
+            # WAL lets `status` read beside a single writer on a local disk; under a launcher every
+            # file may sit on NFS, where WAL's shared memory is unsafe: rollback journal there.
+            self.db.execute(f"PRAGMA journal_mode={'WAL' if wal else 'DELETE'}")
             # FULL: each commit fsyncs the WAL, so a committed image survives power loss, not only a
             # killed process (NORMAL's promise). One fsync per batch: nothing beside a UNet call.
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
         self.run: int | None = None
+
+    @classmethod
+    def merged(cls, out: Path) -> Checkpoint:
+        """A read-only view of OUT: checkpoint.sqlite with every rank's journal laid over it (in memory)."""
+        out = Path(out)
+        main = cls(out / FILE_NAME, readonly=True)
+        journals = sorted(out.glob(JOURNAL_GLOB))
+        if not journals:  # a single-process folder: read the file itself (a million rows need no copy)
+            return main
+        view = cls.__new__(cls)
+        view.path, view.run = main.path, None
+        view.db = sqlite3.connect(":memory:")
+        main.db.backup(view.db)
+        main.close()
+        view.db.executescript(SCHEMA)  # a checkpoint from before the ranks table
+        for journal in journals:
+            view.absorb(journal)
+        return view
+
+    def absorb(self, journal: Path, writable: bool = False) -> int:
+        """Lay a rank's journal over this checkpoint; returns how many images it brought.
+
+        An outcome counts where the image is registered here with the same key (the same
+        parameters) and the journal's word is newer; absorbing the same journal twice changes nothing.
+        """
+        try:
+            # The writer opens it read-write: a rank killed mid-commit leaves a hot rollback journal
+            # that only a writable connection rolls back (readers skip such a file until then).
+            source = sqlite3.connect(f"file:{journal}?mode={'rw' if writable else 'ro'}", uri=True, timeout=30)
+            rows = source.execute("SELECT id, k, key, status, error, file, meta, run, group_name, batch, seconds, "
+                                  "updated_at FROM images WHERE status IN ('done', 'failed')").fetchall()
+            groups = source.execute("SELECT run, idx, stats FROM groups").fetchall()
+            ranks = source.execute("SELECT run, rank, stats FROM ranks").fetchall()
+            source.close()
+        except sqlite3.Error:  # a journal its rank was still creating when killed
+            return 0
+        brought = 0
+        with self.db:
+            for i, k, key, status, error, file, meta, run, group, batch, seconds, updated in rows:
+                cursor = self.db.execute(
+                    """UPDATE images SET status = ?, error = ?, file = ?, meta = ?, run = ?, group_name = ?, batch = ?,
+                       seconds = ?, updated_at = ?, attempts = attempts + 1
+                       WHERE id = ? AND k = ? AND key = ? AND COALESCE(updated_at, 0) < ?
+                         AND NOT (status = 'done' AND ? = 'failed')""",
+                    (status, error, file, meta, run, group, batch, seconds, updated, i, k, key, updated, status))
+                brought += cursor.rowcount
+            base = self.db.execute("SELECT COALESCE(MAX(idx), -1) + 1 FROM groups").fetchone()[0]
+            known = {(r, s) for r, s in self.db.execute("SELECT run, stats FROM groups")}
+            fresh = [g for g in groups if (g[0], g[2]) not in known]
+            self.db.executemany("INSERT INTO groups (run, idx, stats) VALUES (?, ?, ?)",
+                                [(run, base + n, stats) for n, (run, _, stats) in enumerate(fresh)])
+            self.db.executemany("INSERT OR REPLACE INTO ranks (run, rank, stats) VALUES (?, ?, ?)", ranks)
+        return brought
+
+    def absorb_journals(self, out: Path) -> int:
+        """Absorb every rank journal in OUT for good and remove it (the writer of checkpoint.sqlite only)."""
+        brought = 0
+        for journal in sorted(Path(out).glob(JOURNAL_GLOB)):
+            brought += self.absorb(journal, writable=True)
+            journal.unlink()
+            for extra in ("-journal", "-wal", "-shm"):
+                Path(f"{journal}{extra}").unlink(missing_ok=True)
+        return brought
 
     def close(self) -> None:
         self.db.close()
@@ -182,20 +265,37 @@ class Checkpoint:
     # --- during a run ---------------------------------------------------------------
 
     def commit(self, outcomes: list[Outcome]) -> None:
-        """Record finished images in one transaction."""
+        """Record finished images in one transaction (a rank's journal gets rows it never registered)."""
         if not outcomes:
             return
         now = time.time()
-        done = [(o.file, json.dumps(o.meta, ensure_ascii=False), o.group, o.batch, o.seconds, self.run, now,
-                 o.task.job.id, o.task.k) for o in outcomes if o.ok]
-        failed = [(o.error, o.group, o.batch, self.run, now, o.task.job.id, o.task.k) for o in outcomes if not o.ok]
+        rows = [(o.task.job.id, o.task.k, o.task.job.line * 100_000 + o.task.k, o.task.key,
+                 "done" if o.ok else "failed", None if o.ok else o.error, o.file if o.ok else None,
+                 json.dumps(o.meta, ensure_ascii=False) if o.ok else None, o.task.job.row, self.run, o.group, o.batch,
+                 o.seconds if o.ok else None, now) for o in outcomes]
         with self.db:
             self.db.executemany(
-                """UPDATE images SET status = 'done', attempts = attempts + 1, error = NULL, file = ?, meta = ?,
-                   group_name = ?, batch = ?, seconds = ?, run = ?, updated_at = ? WHERE id = ? AND k = ?""", done)
-            self.db.executemany(
-                """UPDATE images SET status = 'failed', attempts = attempts + 1, error = ?, group_name = ?,
-                   batch = ?, run = ?, updated_at = ? WHERE id = ? AND k = ?""", failed)
+                """INSERT INTO images (id, k, ord, key, status, attempts, error, file, meta, row, run, group_name,
+                                       batch, seconds, updated_at)
+                   VALUES (?, ?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   ON CONFLICT (id, k) DO UPDATE SET status = excluded.status, attempts = images.attempts + 1,
+                     error = excluded.error, file = COALESCE(excluded.file, CASE WHEN excluded.status = 'failed'
+                     THEN images.file END), meta = COALESCE(excluded.meta, CASE WHEN excluded.status = 'failed'
+                     THEN images.meta END), group_name = excluded.group_name, batch = excluded.batch,
+                     seconds = CASE WHEN excluded.status = 'done' THEN excluded.seconds ELSE images.seconds END,
+                     run = excluded.run, updated_at = excluded.updated_at""", rows)
+
+    def save_rank(self, stats: dict) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO ranks (run, rank, stats) VALUES (?, ?, ?)",
+                            (self.run, stats["rank"], json.dumps(stats)))
+
+    def rank_stats(self, run: int) -> list[dict]:
+        try:
+            rows = self.db.execute("SELECT stats FROM ranks WHERE run = ? ORDER BY rank", (run,)).fetchall()
+        except sqlite3.OperationalError:  # a checkpoint written before runs could have ranks, opened read-only
+            return []
+        return [json.loads(s) for (s,) in rows]
 
     def save_group(self, index: int, stats: dict) -> None:
         with self.db:
@@ -257,7 +357,13 @@ class Checkpoint:
         return row[0], json.loads(row[1]), json.loads(row[2]) if row[2] else None
 
     def group_stats(self, run: int) -> list[dict]:
-        return [json.loads(s) for (s,) in self.db.execute("SELECT stats FROM groups WHERE run = ? ORDER BY idx", (run,))]
+        """The run's groups; a group several ranks served is one entry (their figures combined)."""
+        merged: dict[tuple, dict] = {}
+        for (text,) in self.db.execute("SELECT stats FROM groups WHERE run = ? ORDER BY idx", (run,)):
+            stats = json.loads(text)
+            name = (stats["model"], stats["mode"], stats["width"], stats["height"], stats.get("lora"))
+            merged[name] = _combine(merged[name], stats) if name in merged else stats
+        return list(merged.values())
 
     def image_rows(self, run: int | None = None) -> list[tuple]:
         """(id, k, group, batch, seconds, status) per image, for report.csv and percentiles."""
@@ -265,3 +371,22 @@ class Checkpoint:
         if run is not None:
             return self.db.execute(query + " WHERE run = ? ORDER BY ord, id, k", (run,)).fetchall()
         return self.db.execute(query + " ORDER BY ord, id, k").fetchall()
+
+
+def _combine(a: dict, b: dict) -> dict:
+    """One group's figures from two ranks that served it side by side: counts add, times overlap."""
+    out = dict(a)
+    for name in ("images", "failed", "batches"):
+        out[name] = a.get(name, 0) + b.get(name, 0)
+    for name in ("load_s", "warmup_s", "wall_s", "batch_size", "working_batch_size"):
+        out[name] = max(a.get(name) or 0, b.get(name) or 0)
+    for name in ("s_per_image_p50", "s_per_image_p95"):  # weighted by images: the exact figure needs every image
+        values = [(g[name], g["images"]) for g in (a, b) if g.get(name) is not None and g.get("images")]
+        out[name] = round(sum(v * n for v, n in values) / sum(n for _, n in values), 4) if values else None
+    for name in ("peak_vram_bytes", "vram_estimate_bytes"):
+        values = [g.get(name) for g in (a, b) if g.get(name) is not None]
+        out[name] = max(values) if values else None
+    out["images_per_s"] = round(out["images"] / out["wall_s"], 4) if out["wall_s"] else 0.0
+    out["stages"] = {k: round(a.get("stages", {}).get(k, 0.0) + b.get("stages", {}).get(k, 0.0), 4)
+                     for k in set(a.get("stages", {})) | set(b.get("stages", {}))}
+    return out

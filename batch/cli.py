@@ -389,9 +389,9 @@ def _console():
 
 
 def cmd_status(args) -> int:
-    from .checkpoint import FILE_NAME, Checkpoint
+    from .checkpoint import Checkpoint
 
-    checkpoint = Checkpoint(args.out / FILE_NAME, readonly=True)
+    checkpoint = Checkpoint.merged(args.out)  # every rank's journal too, during or after a multi-process run
     counts = checkpoint.counts()
     checkpoint.close()
     if args.json:
@@ -410,7 +410,7 @@ def cmd_report(args) -> int:
     path = args.out / FILE_NAME
     if not path.exists():
         raise BatchError(f"no checkpoint at {path}: is this an sdbatch output folder?")
-    checkpoint = Checkpoint(path)
+    checkpoint = Checkpoint.merged(args.out)
     finish_outputs(args.out, checkpoint)
     checkpoint.close()
     print(f"wrote {args.out / 'report.json'}, report.csv, report.md, report.html")
@@ -514,3 +514,7 @@ def run_cli(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":  # `python -m batch.cli`, and so `torchrun ... -m batch.cli run MANIFEST`
+    main()

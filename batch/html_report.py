@@ -68,6 +68,7 @@ def render(report: dict, checkpoint: Checkpoint, out: Path) -> str:
         f"<p class=sub>{_e(str(out))} &middot; model <b>{_e(run.get('model', '-'))}</b> &middot; "
         f"started {_e(run.get('started_at', '-'))}</p>",
         _summary(report),
+        _ranks(report.get("ranks", [])),
         _charts(report, batches),
         _contact_sheet(thumbs, totals["done"], out),
         _failures(failed, run, out),
@@ -105,6 +106,19 @@ def batch_points(image_rows: list[tuple]) -> list[dict]:
 
 
 # --- sections -------------------------------------------------------------------------
+
+def _ranks(ranks: list[dict]) -> str:
+    """Runs under torchrun / accelerate launch: one row per process."""
+    if not ranks:
+        return ""
+    rows = "".join(f"<tr><td>{_e(r['rank'])}</td><td>{_e(r['host'])}</td><td>{_e(r['device'])}</td>"
+                   f"<td>{_e(r['images'])}</td><td>{_num(r['seconds'])}</td><td>{_num(r['images_per_s'])}</td></tr>"
+                   for r in ranks)
+    total = sum(r["images_per_s"] for r in ranks)
+    return (f"<h2>Processes ({len(ranks)})</h2><table><tr><th>rank</th><th>host</th><th>device</th><th>images</th>"
+            f"<th>generate s</th><th>images/s</th></tr>{rows}<tr><th colspan=5>all ranks together</th>"
+            f"<th>{_num(total)}</th></tr></table>")
+
 
 def _summary(report: dict) -> str:
     run, totals = report["run"], report["totals"]

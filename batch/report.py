@@ -47,7 +47,12 @@ def build_report(checkpoint: Checkpoint) -> dict:
         "peak_rss_bytes": timing.get("peak_rss_bytes"),
         "interrupted": timing.get("interrupted", bool(settings) and not timing),
     }
-    return {"run": settings, "totals": totals, "groups": groups, "stages": stages}
+    report = {"run": settings, "totals": totals, "groups": groups, "stages": stages}
+    ranks = checkpoint.rank_stats(run_id) if run_id is not None else []
+    if ranks:  # a run under torchrun / accelerate launch: what each process did, and all together
+        report["ranks"] = ranks
+        totals["ranks_images_per_s"] = round(sum(r["images_per_s"] for r in ranks), 4)
+    return report
 
 
 def write_reports(out: Path, checkpoint: Checkpoint) -> dict:
@@ -118,6 +123,11 @@ def markdown(report: dict) -> str:
         lines += ["## Time per stage (seconds, summed)", "", "| " + " | ".join(STAGES) + " |",
                   "|" + "---|" * len(STAGES),
                   "| " + " | ".join(_num(report["stages"][s]) for s in STAGES) + " |", ""]
+    if report.get("ranks"):
+        lines += ["## Processes", "", "| rank | host | device | images | generate s | images/s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['rank']} | {r['host']} | {r['device']} | {r['images']} | {_num(r['seconds'])} | "
+                  f"{_num(r['images_per_s'])} |" for r in report["ranks"]]
+        lines += [f"| all | | | {sum(r['images'] for r in report['ranks'])} | | {_num(totals['ranks_images_per_s'])} |", ""]
     if totals["failed"]:
         lines += [f"{totals['failed']} image(s) failed: see `failed.jsonl` (run it as a manifest, or rerun with `--retry-failed`).", ""]
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from . import __version__, devices
 from .adapters import AdapterStore, check_adapters
-from .checkpoint import FILE_NAME, Checkpoint, Counts, Outcome
+from .checkpoint import FILE_NAME, Checkpoint, Counts, Outcome, journal_name
 from .config import RunConfig
 from .errors import ModelError
 from .estimate import group_estimate
@@ -26,6 +26,7 @@ from .manifest import Manifest, load_manifest, portable_row, read_bytes
 from .models import LoadOptions, check_options, load_family, resolve_device, resolve_dtype, resolve_model
 from .plan import Batch, Group, Plan, make_plan
 from .progress import Progress
+from .ranks import Claims, Ranks, rank_device
 from .report import write_reports
 from .writer import ImageWriter, adopt_written, remove_temp_files, write_failed, write_metadata, write_text_atomic
 
@@ -128,8 +129,9 @@ def run(config: RunConfig) -> RunResult:
     """The whole `run` command: nothing loads until every row is valid."""
     # 1. Read and validate every row; resolve what the run needs
     started = time.perf_counter()
+    ranks = Ranks.from_env()  # one process unless torchrun / accelerate launch started several
     defaults = dataclasses.replace(config.defaults, model=config.model)
-    device = resolve_device(config.device)
+    device = resolve_device(rank_device(config.device, ranks))
     dtype = resolve_dtype(config.dtype, device)
     options = load_options(config, device, dtype)
     check_options(options)
@@ -148,12 +150,16 @@ def run(config: RunConfig) -> RunResult:
     # 2. Output folder (locked: one run at a time) and checkpoint: drop what is already done
     out = Path(config.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    file_log = _log_to(out / "run.log")
+    file_log = _log_to(out / ("run.log" if ranks.main else f"run-rank{ranks.rank}.log"))
     try:
+        claims = Claims(ranks)
+        if not ranks.main:  # rank 0 holds the lock and the checkpoint; this rank journals its own images
+            with GracefulStop() as stop:
+                return _run_rank(config, tasks, options, adapters, out, stop, claims, ranks)
         with FolderLock(out), GracefulStop() as stop:
             return _run_locked(config, manifest, jobs, tasks, options, adapters, out, stop, started,
                                {"resume_fingerprint": fingerprint, "finished_images": finished_images,
-                                "finished_rows": len(finished), "existing": existing})
+                                "finished_rows": len(finished), "existing": existing}, claims, ranks)
     finally:
         logging.getLogger("batch").removeHandler(file_log)
         file_log.close()
@@ -192,7 +198,7 @@ def _finished_lines(out: Path, fingerprint: str | None, existing: set[str]) -> t
     path = out / FILE_NAME
     if fingerprint is None or not path.exists():
         return frozenset(), 0
-    checkpoint = Checkpoint(path, readonly=True)
+    checkpoint = Checkpoint.merged(out)
     try:
         last = checkpoint.last_run()
         if last is None or last[1].get("resume_fingerprint") != fingerprint:
@@ -203,8 +209,8 @@ def _finished_lines(out: Path, fingerprint: str | None, existing: set[str]) -> t
 
 
 def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: LoadOptions, adapters: AdapterStore,
-                out: Path, stop: GracefulStop, started: float, resume: dict) -> RunResult:
-    """Steps 2-4 of `run`, with the folder locked."""
+                out: Path, stop: GracefulStop, started: float, resume: dict, claims: Claims, ranks: Ranks) -> RunResult:
+    """Steps 2-4 of `run`, with the folder locked (alone, or as rank 0 of several processes)."""
     images_dir = out / "images"
     if resume["finished_rows"]:
         log.info("the manifest and settings are those of the last run: %d finished rows not read again",
@@ -212,8 +218,12 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
     removed = remove_temp_files(images_dir)
     if removed:
         log.info("removed %d partial file(s) left by an interrupted run", removed)
-    checkpoint = Checkpoint(out / FILE_NAME)
+    checkpoint = Checkpoint(out / FILE_NAME, wal=not ranks.distributed)
+    absorbed = checkpoint.absorb_journals(out)  # what the ranks of an earlier launch recorded
+    if absorbed:
+        log.info("took %d image(s) from the journals of an earlier multi-process run", absorbed)
     settings = run_settings(config, options.device, options.dtype, manifest)
+    settings["processes"] = ranks.world_size
     checkpoint.start_run({**settings, "resume_fingerprint": None})
     write_text_atomic(out / "run.json", json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
     # Listed before the lock was taken; temp files removed since never match an image name.
@@ -238,10 +248,18 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
     plan = make_plan(synced.todo, config.model, config.batch_size, options.device)
     log.info("%d jobs: %d images to make in %d batches, %d done earlier, %d failed earlier (not retried)",
              len(jobs) + manifest.skipped_rows, plan.images, plan.batches, synced.skipped, synced.failed_kept)
+    claims.announce("ready", str(checkpoint.run))  # the other ranks plan from what is now registered
 
     # 3. Generate, writing as we go
-    execution = execute(plan, config, options, adapters, out, checkpoint, stop)
+    execution = execute(plan, config, options, adapters, out, checkpoint, stop, claims)
     tallies, interrupted = execution.tallies, execution.interrupted
+    if ranks.distributed:
+        checkpoint.save_rank(rank_stats(ranks, options.device, tallies))
+        claims.finished()
+        if not interrupted:  # stopped: the launcher stops the others too; the next run absorbs their journals
+            log.info("waiting for the other ranks to finish")
+            claims.await_all_finished()
+            checkpoint.absorb_journals(out)
 
     # 4. Folder-level outputs, rebuilt from the checkpoint
     generated = sum(len(t.per_image_s) for t in tallies)
@@ -268,6 +286,40 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
     return result
 
 
+def _run_rank(config: RunConfig, tasks, options: LoadOptions, adapters: AdapterStore, out: Path,
+              stop: GracefulStop, claims: Claims, ranks: Ranks) -> RunResult:
+    """A rank other than 0: plan what rank 0 registered, claim batches, journal them in its own file."""
+    run_id = int(claims.await_announcement("ready"))
+    view = Checkpoint.merged(out)
+    pending = set(view.db.execute("SELECT id, k, key FROM images WHERE status = 'pending'").fetchall())
+    view.close()
+    todo = [t for t in tasks if (t.job.id, t.k, t.key) in pending]
+    plan = make_plan(todo, config.model, config.batch_size, options.device)  # rank 0's plan, batch for batch
+    journal = Checkpoint(out / journal_name(ranks.rank), wal=False)
+    journal.run = run_id
+    try:
+        execution = execute(plan, config, options, adapters, out, journal, stop, claims)
+        journal.save_rank(rank_stats(ranks, options.device, execution.tallies))
+    finally:
+        journal.close()
+        claims.finished()
+    generated = sum(len(t.per_image_s) for t in execution.tallies)
+    view = Checkpoint.merged(out)
+    counts = view.counts()
+    view.close()
+    log.info("rank %d: %d images made", ranks.rank, generated)
+    # Failed jobs are rank 0's to report (exit 1): a non-zero exit here would make torchrun restart the group.
+    return RunResult(out, Counts(counts.total, counts.done, 0), generated, 0, execution.interrupted)
+
+
+def rank_stats(ranks: Ranks, device: str, tallies: list[GroupTally]) -> dict:
+    """report.json's `ranks` entry for this process."""
+    images = sum(len(t.per_image_s) for t in tallies)
+    seconds = round(sum(t.wall_s for t in tallies), 4)
+    return {"rank": ranks.rank, "host": ranks.host, "device": device, "images": images, "seconds": seconds,
+            "images_per_s": round(images / seconds, 4) if seconds else 0.0}
+
+
 def finish_outputs(out: Path, checkpoint: Checkpoint) -> None:
     """metadata.jsonl, failed.jsonl and the report files, all from the checkpoint."""
     write_metadata(out, checkpoint.done_metadata())
@@ -283,43 +335,48 @@ def load_options(config: RunConfig, device: str, dtype: str) -> LoadOptions:
 
 
 def execute(plan: Plan, config: RunConfig, options: LoadOptions, adapters: AdapterStore, out: Path,
-            checkpoint: Checkpoint, stop: GracefulStop) -> Execution:
-    """Generate every batch of the plan, one model at a time."""
+            checkpoint: Checkpoint, stop: GracefulStop, claims: Claims | None = None) -> Execution:
+    """Generate the batches this process claims, in plan order, one model at a time.
+
+    Alone, a process claims every batch in turn; under a launcher, ranks claim from a shared
+    counter, so each runs a stretch of the plan and loads a model only when its claims reach it.
+    """
+    claims = claims or Claims(Ranks.single())
     # The writer holds at most one batch: a kill loses at most one batch of finished images.
     largest = max((len(b.tasks) for g in plan.groups for b in g.batches), default=1)
     writer = ImageWriter(out / "images", config.format, config.model, config.writer_threads, max_pending=largest)
     execution = Execution([], False, None)
     devices.activate(options.device)  # the CUDA context and every default allocation on the run's GPU
-    freed = None
+    ordered = [(group, batch) for group in plan.groups for batch in group.batches]
+    state = _Loaded()
     with Progress(plan.images, quiet=config.quiet) as progress:
         try:
-            for model in plan.models():
-                stop.check()
-                groups = [g for g in plan.groups if g.model == model]
-                family = _load_or_fail(model, options, groups, checkpoint, progress)
-                if family is None:
+            while True:
+                stop.check()  # a safe point: everything before it is written or queued
+                number = claims.next_batch()
+                if number >= len(ordered):
+                    break
+                group, batch = ordered[number]
+                if state.group is not group:
+                    _end_group(state, writer, checkpoint, execution, options.device)
+                    if state.model != group.model:
+                        _unload(state, options, execution)
+                        state.model = group.model
+                        state.family, state.load_error = _load_or_fail(group.model, options)
+                        if state.family is not None:
+                            state.load_s = state.family.load_s
+                            state.family.adapters = adapters
+                            state.conditioner = Conditioner(state.family)
+                    _start_group(state, group, config, options, execution, progress)
+                if state.family is None:  # the model did not load: its batches fail, with why
+                    checkpoint.commit([Outcome(t, ok=False, error=f"model did not load: {state.load_error}",
+                                               group=group.name) for t in batch.tasks])
+                    state.tally.failed += len(batch.tasks)
+                    progress.advance(len(batch.tasks))
                     continue
-                family.adapters = adapters
-                conditioner = Conditioner(family)
-                load_s = family.load_s
-                for group in groups:
-                    tally = GroupTally(group, load_s=load_s, freed_before_bytes=freed,
-                                       vram_estimate_bytes=group_estimate(group, options).total_bytes)
-                    load_s, freed = 0.0, None  # the load is charged to the model's first group
-                    execution.tallies.append(tally)
-                    progress.set_group(group.name)
-                    _run_group(group, tally, family, conditioner, config, options.device, writer, checkpoint, progress, stop)
-                    checkpoint.save_group(len(execution.tallies) - 1, tally.as_dict())
-                # Read while the model is loaded: after the unload it would show an empty device.
-                used = devices.used_bytes(options.device)
-                if used is not None:
-                    execution.device_used_bytes = max(used, execution.device_used_bytes or 0)
-                # The embedding caches live on the device too: drop them before the next model loads.
-                conditioner.clear()
-                freed = family.unload()
-                del conditioner, family
-                if freed is not None:
-                    log.info("freed %.2f GB of GPU memory held by %s", freed / 2**30, model)
+                _run_batch(batch, state, config, options.device, writer, checkpoint, progress)
+            _end_group(state, writer, checkpoint, execution, options.device)
+            _unload(state, options, execution)
         except (KeyboardInterrupt, StopRequested):
             execution.interrupted = True
             log.warning("interrupted: the images already made are recorded; run the same command again to resume")
@@ -330,50 +387,99 @@ def execute(plan: Plan, config: RunConfig, options: LoadOptions, adapters: Adapt
     return execution
 
 
-def _load_or_fail(model: str, options: LoadOptions, groups: list[Group], checkpoint: Checkpoint, progress: Progress):
-    """The model's pipeline family; if it does not load, its rows fail (with why) and the run goes on."""
+@dataclass
+class _Loaded:
+    """What `execute` holds between batches: the model and group in hand."""
+
+    model: str | None = None
+    family: object = None
+    conditioner: object = None
+    load_error: str | None = None
+    load_s: float = 0.0  # charged to the next group started
+    group: Group | None = None
+    tally: GroupTally | None = None
+    group_started: float = 0.0
+    freed: int | None = None
+
+
+def _start_group(state: _Loaded, group: Group, config: RunConfig, options: LoadOptions, execution: Execution,
+                 progress: Progress) -> None:
+    family = state.family
+    load_s, state.load_s = state.load_s, 0.0  # the load is charged to the model's first group
+    state.group = group
+    state.tally = GroupTally(group, load_s=load_s, freed_before_bytes=state.freed,
+                             vram_estimate_bytes=group_estimate(group, options).total_bytes)
+    state.freed = None
+    progress.set_group(group.name)
+    if family is None:
+        return  # its images fail; the report's groups are the groups that ran
+    execution.tallies.append(state.tally)
+    devices.reset_peak(options.device)
+    if family is not None and (devices.is_cuda(options.device) or config.compile):
+        started = time.perf_counter()  # first calls pick kernels (and compile): keep that out of the timings
+        if not _warm_up(family, state.conditioner, group):
+            devices.free_cache(options.device)
+        state.tally.warmup_s = time.perf_counter() - started
+
+
+def _end_group(state: _Loaded, writer: ImageWriter, checkpoint: Checkpoint, execution: Execution, device: str) -> None:
+    if state.tally is None:
+        return
+    if state.family is not None:
+        started = time.perf_counter()
+        _commit_written(writer.finished(block=True), checkpoint)
+        state.tally.wall_s += time.perf_counter() - started
+        state.tally.peak_vram_bytes = devices.peak_allocated(device)
+        checkpoint.save_group(len(execution.tallies) - 1, state.tally.as_dict())
+    state.group, state.tally = None, None
+
+
+def _unload(state: _Loaded, options: LoadOptions, execution: Execution) -> None:
+    if state.family is None:
+        return
+    # Read while the model is loaded: after the unload it would show an empty device.
+    used = devices.used_bytes(options.device)
+    if used is not None:
+        execution.device_used_bytes = max(used, execution.device_used_bytes or 0)
+    # The embedding caches live on the device too: drop them before the next model loads.
+    state.conditioner.clear()
+    state.freed = state.family.unload()
+    if state.freed is not None:
+        log.info("freed %.2f GB of GPU memory held by %s", state.freed / 2**30, state.model)
+    state.family = state.conditioner = None
+
+
+def _load_or_fail(model: str, options: LoadOptions):
+    """(the model's pipeline family, None), or (None, why) if it does not load: its rows fail, the run goes on."""
     try:
-        return load_family(model, options)
+        return load_family(model, options), None
     except Exception as e:  # any load failure (missing file, bad config, CUDA out of memory...) is this model's alone
         message = f"{type(e).__name__}: {e}" if not isinstance(e, ModelError) else str(e)
         log.error("cannot load %s: %s", model, message)
         log.debug("traceback of that failure:", exc_info=True)  # run.log only
     devices.free_cache(options.device)  # whatever the failed load left behind
-    for group in groups:
-        tasks = [t for b in group.batches for t in b.tasks]
-        checkpoint.commit([Outcome(t, ok=False, error=f"model did not load: {message}", group=group.name)
-                           for t in tasks])
-        progress.advance(len(tasks))
-    return None
+    return None, message
 
 
-def _run_group(group: Group, tally: GroupTally, family, conditioner, config: RunConfig, device: str,
-               writer: ImageWriter, checkpoint: Checkpoint, progress: Progress, stop: GracefulStop) -> None:
-    devices.reset_peak(device)
-    if devices.is_cuda(device) or config.compile:  # first calls pick kernels (and compile): keep that out of the timings
-        started = time.perf_counter()
-        if not _warm_up(family, conditioner, group):
-            devices.free_cache(device)
-        tally.warmup_s = time.perf_counter() - started
+def _run_batch(planned: Batch, state: _Loaded, config: RunConfig, device: str, writer: ImageWriter,
+               checkpoint: Checkpoint, progress: Progress) -> None:
+    """One claimed batch: generate (in halves after an out-of-memory), hand images to the writer, record."""
+    tally, group = state.tally, state.group
     started = time.perf_counter()
     try:
-        for planned in group.batches:
-            stop.check()  # a safe point: everything before it is written or queued
-            for batch in _at_most(planned, tally.working_batch_size):
-                bucket = (tally.working_batch_size or len(group.batches[0].tasks)) if config.compile else None
-                made, failures = _make(batch, family, conditioner, tally, pad_to=bucket)
-                for task, image, seconds, notes in made:
-                    writer.submit(task, image, context=(tally, batch.index, seconds), notes=notes)
-                checkpoint.commit([Outcome(task, ok=False, error=error, group=group.name, batch=batch.index)
-                                   for task, error in failures])
-                tally.failed += len(failures)
-                log.debug("batch %d: %d generated, %d failed", batch.index, len(made), len(failures))
-                _commit_written(writer.finished(), checkpoint)
-                progress.advance(len(batch.tasks))
-        _commit_written(writer.finished(block=True), checkpoint)
+        for batch in _at_most(planned, tally.working_batch_size):
+            bucket = (tally.working_batch_size or len(group.batches[0].tasks)) if config.compile else None
+            made, failures = _make(batch, state.family, state.conditioner, tally, pad_to=bucket)
+            for task, image, seconds, notes in made:
+                writer.submit(task, image, context=(tally, batch.index, seconds), notes=notes)
+            checkpoint.commit([Outcome(task, ok=False, error=error, group=group.name, batch=batch.index)
+                               for task, error in failures])
+            tally.failed += len(failures)
+            log.debug("batch %d: %d generated, %d failed", batch.index, len(made), len(failures))
+            _commit_written(writer.finished(), checkpoint)
+            progress.advance(len(batch.tasks))
     finally:
-        tally.wall_s = time.perf_counter() - started
-        tally.peak_vram_bytes = devices.peak_allocated(device)
+        tally.wall_s += time.perf_counter() - started
 
 
 def _warm_up(family, conditioner, group: Group) -> bool:

@@ -1,0 +1,199 @@
+"""Several processes under torchrun (CPU, gloo-free: ranks share only the launcher's store and OUT).
+
+Every image once, pixels identical to a single-process run, both ranks at work; kills,
+restarts and resumes with another number of processes lose and duplicate nothing; two
+"machines" (two torchrun invocations, --nnodes 2, loopback) share one OUT.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, cli, done_count, pixels, read_metadata, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+OPTIONS = ["--model", "tiny", "--device", "cpu", "--steps", "8", "--width", "64", "--height", "64", "--batch-size", "2",
+           "--quiet"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _manifest(folder: Path, count: int = 22) -> Path:
+    """txt2img rows and an img2img row: two groups, several batches each."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (220, 30, 30)).save(folder / "init.png")
+    rows = [{"id": f"t{i:02d}", "prompt": f"a {['red', 'blue', 'green'][i % 3]} circle", "seed": 10 + i}
+            for i in range(count)]
+    rows += [{"id": f"i{i}", "prompt": "a blue square", "init_image": "init.png", "strength": 0.7, "seed": i}
+             for i in range(4)]
+    return write_jsonl(folder / "night.jsonl", rows)
+
+
+def _torchrun(manifest: Path, out: Path, nproc: int = 2, extra=(), torchrun_args=(), wait=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *torchrun_args]
+    if "--nnodes" not in torchrun_args:
+        args += ["--master-port", str(_free_port())]
+    args += ["-m", "batch.cli", "run", str(manifest), "--out", str(out), *OPTIONS, *extra]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    output, _ = proc.communicate(timeout=600)
+    return proc.returncode, output
+
+
+def _status(out: Path, capsys) -> dict:
+    capsys.readouterr()
+    assert cli("status", out, "--json") == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def _same_pixels(out: Path, reference: Path) -> None:
+    names = sorted(m["file_name"] for m in read_metadata(out))
+    assert names == sorted(m["file_name"] for m in read_metadata(reference)), "every image exactly once"
+    assert len(names) == len(set(names))
+    for name in names:
+        assert np.array_equal(pixels(out / "images" / name), pixels(reference / "images" / name)), name
+
+
+def _single(manifest: Path, out: Path, wait: bool = True):
+    """One process, with the one CPU thread torchrun gives each rank (a thread count can move a pixel)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_batch.py"), str(manifest), "--out", str(out), *OPTIONS],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return proc
+    output, _ = proc.communicate(timeout=600)
+    return proc.returncode, output
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("ranks")
+    manifest = _manifest(folder)
+    code, output = _single(manifest, folder / "single")
+    assert code == 0, output[-2000:]
+    return manifest, folder / "single"
+
+
+def test_two_ranks_make_every_image_once_with_single_process_pixels(reference, tmp_path, capsys):
+    manifest, single = reference
+    out = tmp_path / "two"
+    code, output = _torchrun(manifest, out)
+    assert code == 0, output[-3000:]
+    _same_pixels(out, single)
+    assert _status(out, capsys) == {"total": 26, "done": 26, "failed": 0, "pending": 0}
+    report = json.loads((out / "report.json").read_text())
+    ranks = report["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert all(r["images"] >= 1 for r in ranks), f"both ranks must work: {ranks}"
+    assert sum(r["images"] for r in ranks) == 26 == report["totals"]["generated"]
+    assert report["run"]["processes"] == 2
+    assert not list(out.glob("journal-rank*.sqlite")), "rank 0 absorbs the journals at the end"
+    assert "Processes (2)" in (out / "report.html").read_text()
+
+
+def _merged_done(out: Path) -> int:
+    from batch.checkpoint import Checkpoint
+
+    if not (out / "checkpoint.sqlite").exists():
+        return 0
+    try:
+        view = Checkpoint.merged(out)
+    except Exception:  # noqa: BLE001 -- the file is being created
+        return 0
+    try:
+        return view.counts().done
+    finally:
+        view.close()
+
+
+def _rank_pids(launcher: int) -> list[int]:
+    """The worker processes torchrun started (children of its agent)."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    return [int(c) for c in children]
+
+
+def test_a_killed_rank_restarts_under_max_restarts_and_nothing_is_lost_or_duplicated(reference, tmp_path):
+    manifest, single = reference
+    out = tmp_path / "restarted"
+    proc = _torchrun(manifest, out, torchrun_args=("--max-restarts", "1"), wait=False)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and _merged_done(out) < 4:
+        time.sleep(0.05)
+    workers = _rank_pids(proc.pid)
+    assert len(workers) == 2 and proc.poll() is None
+    os.kill(workers[-1], signal.SIGKILL)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    _same_pixels(out, single)
+
+
+@pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
+def test_resume_with_another_number_of_processes(reference, tmp_path, capsys, first, second):
+    manifest, single = reference
+    out = tmp_path / f"{first}-then-{second}"
+    if first == 2:
+        proc = _torchrun(manifest, out, wait=False)
+    else:
+        proc = _single(manifest, out, wait=False)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and _merged_done(out) < 6:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    for pid in (_rank_pids(proc.pid) if first == 2 else []) + [proc.pid]:  # every worker, then the launcher
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _merged_done(out)
+    status = _status(out, capsys)
+    assert status["done"] >= killed_at and status["done"] < 26
+    if second == 2:
+        code, output = _torchrun(manifest, out)
+        assert code == 0, output[-3000:]
+    else:
+        code, output = _single(manifest, out)
+        assert code == 0, output[-3000:]
+    _same_pixels(out, single)
+    assert _status(out, capsys) == {"total": 26, "done": 26, "failed": 0, "pending": 0}
+
+
+def test_two_machines_on_loopback_share_one_out(reference, tmp_path):
+    manifest, single = reference
+    out = tmp_path / "two-hosts"
+    port = _free_port()
+    common = ("--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port))
+    node0 = _torchrun(manifest, out, nproc=1, torchrun_args=(*common, "--node-rank", "0"), wait=False)
+    node1 = _torchrun(manifest, out, nproc=1, torchrun_args=(*common, "--node-rank", "1"), wait=False)
+    out0, _ = node0.communicate(timeout=600)
+    out1, _ = node1.communicate(timeout=600)
+    assert node0.returncode == 0 and node1.returncode == 0, (out0[-2000:], out1[-2000:])
+    _same_pixels(out, single)
+    ranks = json.loads((out / "report.json").read_text())["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1] and sum(r["images"] for r in ranks) == 26
+
+
+def test_a_single_process_run_writes_no_journal_and_keeps_wal(tmp_path):
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "a", "prompt": "a red circle"}])
+    out = tmp_path / "out"
+    assert cli(manifest, *OPTIONS, "--out", out) == 0
+    import sqlite3
+
+    assert not list(out.glob("journal-*"))
+    mode = sqlite3.connect(out / "checkpoint.sqlite").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+    assert "ranks" not in json.loads((out / "report.json").read_text())
+    assert done_count(out) == 1
