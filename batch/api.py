@@ -76,6 +76,7 @@ def run(rows, out=None, model: str = DEFAULT_MODEL, **options) -> Result:
     """
     from .runner import run as run_manifest
 
+    _show_progress(not options.get("quiet", False))
     unknown = set(options) - _RUN_OPTIONS - _ROW_DEFAULTS
     if unknown:
         raise TypeError(f"run() got unknown option(s) {sorted(unknown)}; known: {sorted(_RUN_OPTIONS | _ROW_DEFAULTS)}")
@@ -96,6 +97,20 @@ def run(rows, out=None, model: str = DEFAULT_MODEL, **options) -> Result:
         raise ManifestError("rows", [_by_index(error, labels) for error in e.errors]) from None
     return Result(outcome.out, outcome.exit_code, outcome.counts, outcome.generated, outcome.skipped,
                   outcome.interrupted)
+
+
+def _show_progress(on: bool) -> None:
+    """Progress lines on stderr (a rich bar on a terminal or in a notebook) unless the caller set up logging."""
+    import logging
+    import sys
+
+    logger = logging.getLogger("batch")
+    if on and not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _store_rows(rows, out: Path) -> tuple[Path, list]:
@@ -189,6 +204,8 @@ class Generator:
         self.model, self.quiet = model, quiet
         self.defaults = Defaults(model=model, **defaults)
         self.family = load_family(model, self.options)
+        for view in self.family.views():  # diffusers' own step bar (tqdm: terminals and notebooks)
+            view.set_progress_bar_config(disable=quiet)
         self.family.adapters = self.store = AdapterStore(ip_adapter)  # each adapter read once, checked once
         self._checked: set[str] = set()
         self.conditioner = Conditioner(self.family)

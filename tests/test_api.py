@@ -131,3 +131,22 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     assert namespace["result"].exit_code == 0
     assert len(namespace["table"]) == 2 and len(namespace["images"]) == 2
     assert namespace["edited"] and namespace["liked"]
+
+
+def test_progress_shows_unless_quiet(tmp_path, capfd):
+    import logging
+
+    logger = logging.getLogger("batch")
+    saved = list(logger.handlers)
+    logger.handlers = []  # as in a fresh notebook: nothing configured yet
+    try:
+        run([{"id": "x", "prompt": "a red circle", "seed": 1}], out=tmp_path / "loud", **{**OPTIONS, "quiet": False})
+        assert "1/1 images" in capfd.readouterr().err
+        with Generator("tiny", device="cpu", steps=3, width=64, height=64, quiet=True) as gen:
+            gen.generate("a red circle", seed=1)
+        assert "it/s" not in capfd.readouterr().err
+        with Generator("tiny", device="cpu", steps=3, width=64, height=64) as gen:
+            gen.generate("a red circle", seed=1)
+        assert "3/3" in capfd.readouterr().err  # diffusers' step bar
+    finally:
+        logger.handlers = saved

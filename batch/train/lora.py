@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shutil
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 from ..config import DEFAULT_MODEL
 from ..errors import BatchError
 from ..interrupt import EXIT_INTERRUPTED, GracefulStop
+from ..progress import StepProgress
 from .dataset import BatchOrder, Example, read_dataset
 from .export import DIFFUSERS_NAME, kohya_metadata, save_diffusers, save_kohya
 from .validation import ValidationSpec, validate, write_page
@@ -259,7 +259,7 @@ def _train(config: LoraTrainConfig, examples: list[Example], resume_from: Path |
     unet.train()
     result = TrainResult(out, step)
     last_saved = step if resume_from is not None else None
-    progress = _TrainProgress(config.max_steps, step, quiet=config.quiet or not main)
+    progress = StepProgress("train-lora", config.max_steps, step, quiet=config.quiet or not main)
     with progress:
         while step < config.max_steps:
             losses = []
@@ -506,62 +506,3 @@ def _trim_loss_log(path: Path, step: int) -> None:
 def _log_loss(path: Path, step: int, loss: float, lr: float) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"{step},{loss:.6g},{lr:.6g}\n")
-
-
-class _TrainProgress:
-    """Step, loss, it/s and ETA: a rich bar on a terminal, a log line every 10 s otherwise (or with --quiet)."""
-
-    def __init__(self, total: int, start: int, quiet: bool, every_s: float = 10.0):
-        import sys
-
-        self.total, self.start, self.step, self.loss = total, start, start, float("nan")
-        self.started = self.last_line = time.monotonic()
-        self.every_s, self.bar = every_s, None
-        if not quiet and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("[bold]train-lora"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} it/s"),
-                                TextColumn("ETA"), TimeRemainingColumn())
-            self.task = self.bar.add_task("steps", total=total, completed=start, loss="-", rate="-")
-        self.quiet = quiet
-
-    def __enter__(self):
-        if self.bar:
-            self.bar.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar:
-            self.bar.stop()
-
-    def rate(self) -> float:
-        elapsed = time.monotonic() - self.started
-        return (self.step - self.start) / elapsed if elapsed > 0 else 0.0
-
-    def update(self, step: int, loss: float) -> None:
-        self.step, self.loss = step, loss
-        if self.bar:
-            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{self.rate():.2f}")
-        elif time.monotonic() - self.last_line >= self.every_s or step == self.total:
-            self.last_line = time.monotonic()
-            rate = self.rate()
-            eta = (self.total - step) / rate if rate > 0 else float("nan")
-            logging.getLogger("batch.progress").info("step %d/%d, loss %.4f, %.2f it/s, ETA %.0f s", step, self.total,
-                                                     loss, rate, eta)
-
-    def paused(self):
-        """Validation runs print their own lines: stop the bar meanwhile."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def pause():
-            if self.bar:
-                self.bar.stop()
-            try:
-                yield
-            finally:
-                if self.bar:
-                    self.bar.start()
-
-        return pause()
