@@ -31,8 +31,6 @@ SEEDS = (11, 22)
 # Figures and what was tried: reports/quality-2026-11-25.md.
 NOT_YET = {
     "cfg": "the model follows its prompts at CFG 1.0 as well as at 7.5 (24/24 both)",
-    "multistep": "pndm and lms (linear multistep) turn red and yellow prompts to noise at CFG 7.5 (7/12)",
-    "img2img": "strength 0.3 under a conflicting prompt keeps the init's colour and shape 5/12",
 }
 
 
@@ -123,9 +121,7 @@ def test_guidance_raises_adherence(main_run):
     assert high - low >= 0.2 * n, text
 
 
-@pytest.mark.parametrize("scheduler", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=NOT_YET["multistep"])) if name in ("pndm", "lms")
-    else name for name in SCHEDULERS])
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_every_scheduler_draws_the_prompted_colour(main_run, scheduler):
     colour, shape, n = _adherence(main_run, f"s-{scheduler}-")
     text = record_figure(f"scheduler {scheduler}", f"colour right {colour}/{n}, shape right {shape}/{n}")
@@ -145,7 +141,6 @@ def test_a_colour_in_the_negative_prompt_appears_less(main_run):
     assert with_negative <= 0.5 * without and without >= 12, text
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_YET["img2img"])
 def test_img2img_strength_keeps_or_replaces_the_init_image(main_run):
     low = [(c == m["init_colour"] and s == m["init_shape"]) for key, (c, s, m) in main_run.items()
            if key.startswith("i2i-0.3-")]
