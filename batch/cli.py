@@ -178,7 +178,7 @@ loaded; 130 interrupted (a checkpoint is saved: rerun with --resume latest).
 
 
 def _training_parsers(commands) -> None:
-    from .train.lora import LR_SCHEDULERS
+    from .train.lora import LR_SCHEDULERS, TARGET_MODULES
 
     prepare = commands.add_parser(
         "prepare-dataset", help="images (+ captions) -> a training folder (NNNN.png + .txt, metadata.jsonl)",
@@ -224,6 +224,9 @@ def _training_parsers(commands) -> None:
     train.add_argument("--validation-prompt", action="append", default=[], help="repeatable; images at each validation")
     train.add_argument("--validation-every", type=int, default=None, help="steps between validations [--checkpoint-every]")
     train.add_argument("--validation-images", type=int, default=2, help="images per validation prompt [2]")
+    train.add_argument("--target-modules", default=",".join(TARGET_MODULES),
+                       help="UNet layers the LoRA adapts, comma-separated; add conv1,conv2 (the ResNet convs) for "
+                            "shapes and textures attention alone cannot reach [%(default)s]")
     train.add_argument("--name", default=None, help="stem of the kohya file [DIR's name]")
     train.add_argument("--device", default="auto", help="auto or cpu (under accelerate launch: the launcher's) [auto]")
     train.add_argument("--quiet", action="store_true", help="no progress bar: a log line every 10 s")
@@ -465,7 +468,8 @@ def cmd_train_lora(args) -> int:
         noise_offset=args.noise_offset, cache_latents=args.cache_latents, checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints, resume=args.resume, validation_prompts=tuple(args.validation_prompt),
         validation_every=args.validation_every, validation_images=args.validation_images, name=args.name,
-        device=args.device, quiet=args.quiet)
+        device=args.device, quiet=args.quiet,
+        target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()))
     result = train_lora(config)
     if result.interrupted:
         print(f"interrupted at step {result.step}: run the same command with --resume latest", file=sys.stderr)
