@@ -136,9 +136,9 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
 def test_progress_shows_unless_quiet(tmp_path, capfd):
     import logging
 
-    logger = logging.getLogger("batch")
-    saved = list(logger.handlers)
-    logger.handlers = []  # as in a fresh notebook: nothing configured yet
+    logger, root = logging.getLogger("batch"), logging.getLogger()
+    saved, saved_root, level = list(logger.handlers), list(root.handlers), logger.level
+    logger.handlers, root.handlers = [], []  # as in a fresh notebook: nothing configured yet (pytest adds its own)
     try:
         run([{"id": "x", "prompt": "a red circle", "seed": 1}], out=tmp_path / "loud", **{**OPTIONS, "quiet": False})
         assert "1/1 images" in capfd.readouterr().err
@@ -149,4 +149,5 @@ def test_progress_shows_unless_quiet(tmp_path, capfd):
             gen.generate("a red circle", seed=1)
         assert "3/3" in capfd.readouterr().err  # diffusers' step bar
     finally:
-        logger.handlers = saved
+        logger.handlers, root.handlers = saved, saved_root
+        logger.setLevel(level)
