@@ -64,6 +64,18 @@ CREATE TABLE IF NOT EXISTS ranks (  -- runs under a launcher: what each process 
 """
 
 
+def _retry_locked(statement, seconds: float = 30.0):
+    """Leaving WAL needs no other connection open: wait out a `status` reader instead of failing at once."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def journal_name(rank: int) -> str:
     return f"journal-rank{rank}.sqlite"
 
@@ -119,7 +131,7 @@ class Checkpoint:
             self.db = sqlite3.connect(self.path, timeout=30)
             # WAL lets `status` read beside a single writer on a local disk; under a launcher every
             # file may sit on NFS, where WAL's shared memory is unsafe: rollback journal there.
-            self.db.execute(f"PRAGMA journal_mode={'WAL' if wal else 'DELETE'}")
+            _retry_locked(lambda: self.db.execute(f"PRAGMA journal_mode={'WAL' if wal else 'DELETE'}"))
             # FULL: each commit fsyncs the WAL, so a committed image survives power loss, not only a
             # killed process (NORMAL's promise). One fsync per batch: nothing beside a UNet call.
             self.db.execute("PRAGMA synchronous=FULL")
@@ -144,7 +156,7 @@ class Checkpoint:
             view.absorb(journal)
         return view
 
-    def absorb(self, journal: Path, writable: bool = False) -> int:
+    def absorb(self, journal: Path, writable: bool = False) -> int | None:
         """Lay a rank's journal over this checkpoint; returns how many images it brought.
 
         An outcome counts where the image is registered here with the same key (the same
@@ -159,8 +171,11 @@ class Checkpoint:
             groups = source.execute("SELECT run, idx, stats FROM groups").fetchall()
             ranks = source.execute("SELECT run, rank, stats FROM ranks").fetchall()
             source.close()
-        except sqlite3.Error:  # a journal its rank was still creating when killed
-            return 0
+        except sqlite3.Error as e:  # being created by its rank, locked, or damaged: kept for a later run
+            import logging
+
+            logging.getLogger(__name__).warning("cannot read %s yet (%s): kept for a later run", journal, e)
+            return None
         brought = 0
         with self.db:
             for i, k, key, status, error, file, meta, run, group, batch, seconds, updated in rows:
@@ -183,7 +198,10 @@ class Checkpoint:
         """Absorb every rank journal in OUT for good and remove it (the writer of checkpoint.sqlite only)."""
         brought = 0
         for journal in sorted(Path(out).glob(JOURNAL_GLOB)):
-            brought += self.absorb(journal, writable=True)
+            count = self.absorb(journal, writable=True)
+            if count is None:
+                continue  # never delete what could not be read
+            brought += count
             journal.unlink()
             for extra in ("-journal", "-wal", "-shm"):
                 Path(f"{journal}{extra}").unlink(missing_ok=True)

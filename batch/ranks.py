@@ -24,6 +24,7 @@ from .errors import BatchError
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
+_CLAIMS_MADE = [0]  # runs started in this process (the Python API may start several under one launch)
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,9 @@ class Claims:
                                                     timeout=timeout))
         # A restarted group (torchrun --max-restarts) starts new counters: its plan is new too.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        self.prefix = f"sdbatch/{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/{attempt}/{namespace}"
+        _CLAIMS_MADE[0] += 1
+        self.prefix = (f"sdbatch/{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}/{attempt}/{namespace}"
+                       f"/{_CLAIMS_MADE[0]}")
 
     def next_batch(self) -> int:
         """The next unclaimed batch number (0, 1, 2, ... across every rank)."""

@@ -139,7 +139,9 @@ def run(config: RunConfig) -> RunResult:
     data = read_bytes(Path(config.manifest))
     fingerprint = _resume_fingerprint(config, defaults, salt, data)
     existing = _image_files(Path(config.out) / "images")
-    finished, finished_images = _finished_lines(Path(config.out), fingerprint, existing)
+    # Other ranks plan from rank 0's list (`_run_rank`), and must not hold the checkpoint open while rank 0 writes it.
+    finished, finished_images = (_finished_lines(Path(config.out), fingerprint, existing) if ranks.main
+                                 else (frozenset(), 0))
     manifest = load_manifest(config.manifest, defaults, config.seed, config.skip_invalid, data, finished)
     jobs = manifest.jobs[: config.limit] if config.limit else manifest.jobs
     for model in dict.fromkeys(job.model for job in jobs):
@@ -248,7 +250,9 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
     plan = make_plan(synced.todo, config.model, config.batch_size, options.device)
     log.info("%d jobs: %d images to make in %d batches, %d done earlier, %d failed earlier (not retried)",
              len(jobs) + manifest.skipped_rows, plan.images, plan.batches, synced.skipped, synced.failed_kept)
-    claims.announce("ready", str(checkpoint.run))  # the other ranks plan from what is now registered
+    if ranks.distributed:  # the exact todo list, in order: the other ranks' plans must match batch for batch
+        write_text_atomic(out / _plan_name(checkpoint.run), json.dumps([[t.job.id, t.k] for t in synced.todo]))
+    claims.announce("ready", str(checkpoint.run))
 
     # 3. Generate, writing as we go
     execution = execute(plan, config, options, adapters, out, checkpoint, stop, claims)
@@ -260,6 +264,7 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
             log.info("waiting for the other ranks to finish")
             claims.await_all_finished()
             checkpoint.absorb_journals(out)
+            (out / _plan_name(checkpoint.run)).unlink(missing_ok=True)
 
     # 4. Folder-level outputs, rebuilt from the checkpoint
     generated = sum(len(t.per_image_s) for t in tallies)
@@ -290,10 +295,8 @@ def _run_rank(config: RunConfig, tasks, options: LoadOptions, adapters: AdapterS
               stop: GracefulStop, claims: Claims, ranks: Ranks) -> RunResult:
     """A rank other than 0: plan what rank 0 registered, claim batches, journal them in its own file."""
     run_id = int(claims.await_announcement("ready"))
-    view = Checkpoint.merged(out)
-    pending = set(view.db.execute("SELECT id, k, key FROM images WHERE status = 'pending'").fetchall())
-    view.close()
-    todo = [t for t in tasks if (t.job.id, t.k, t.key) in pending]
+    planned = {tuple(item) for item in json.loads((out / _plan_name(run_id)).read_text(encoding="utf-8"))}
+    todo = [t for t in tasks if (t.job.id, t.k) in planned]  # rank 0's todo, in the same (manifest) order
     plan = make_plan(todo, config.model, config.batch_size, options.device)  # rank 0's plan, batch for batch
     journal = Checkpoint(out / journal_name(ranks.rank), wal=False)
     journal.run = run_id
@@ -310,6 +313,10 @@ def _run_rank(config: RunConfig, tasks, options: LoadOptions, adapters: AdapterS
     log.info("rank %d: %d images made", ranks.rank, generated)
     # Failed jobs are rank 0's to report (exit 1): a non-zero exit here would make torchrun restart the group.
     return RunResult(out, Counts(counts.total, counts.done, 0), generated, 0, execution.interrupted)
+
+
+def _plan_name(run_id: int) -> str:
+    return f".plan-run{run_id}.json"
 
 
 def rank_stats(ranks: Ranks, device: str, tallies: list[GroupTally]) -> dict:

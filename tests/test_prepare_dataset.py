@@ -198,3 +198,21 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, problem):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
     assert (sorted(p.name for p in dst.iterdir()) if dst.exists() else None) == before
+
+
+def test_a_pair_deleted_by_hand_is_never_overwritten(tmp_path):
+    src = tmp_path / "raw"
+    src.mkdir()
+    for i, colour in enumerate([(220, 30, 30), (30, 70, 220), (30, 170, 50)]):
+        _two_tone(src / f"{i}.png", top=colour)
+    dst = tmp_path / "train"
+    assert cli("prepare-dataset", src, dst, "--size", "32") == 0
+    (dst / "0000.png").unlink()
+    (dst / "0000.txt").unlink()
+    last = (dst / "0002.png").read_bytes()
+    _two_tone(src / "3.png", top=(240, 210, 20))
+    assert cli("prepare-dataset", src, dst, "--size", "32") == 0
+    assert (dst / "0002.png").read_bytes() == last
+    names = [json.loads(line)["file_name"] for line in (dst / "metadata.jsonl").read_text().splitlines()]
+    assert len(names) == len(set(names))
+    assert (dst / "0003.png").is_file() and "0003.png" in names

@@ -169,6 +169,10 @@ def _resume_from(config: LoraTrainConfig) -> Path | None:
         earlier = json.loads(previous.read_text(encoding="utf-8")).get("settings", {})
         now = config.settings()
         changed = [f"{k}: {earlier.get(k)!r} then, {now[k]!r} now" for k in FIXED_ON_RESUME if earlier.get(k) != now[k]]
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        earlier_processes = json.loads(previous.read_text(encoding="utf-8")).get("processes", processes)
+        if earlier_processes != processes:  # the LR schedule and the batches of each step depend on it
+            changed.append(f"processes: {earlier_processes} then, {processes} now")
         if changed:
             raise BatchError(f"cannot resume {chosen} with other settings ({'; '.join(changed)})")
     return chosen
@@ -458,6 +462,7 @@ def _save_checkpoint(accelerator, out: Path, step: int, keep: int | None) -> Pat
         shutil.rmtree(temp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temp))
+    accelerator.wait_for_everyone()  # every process's RNG file is in before the folder is renamed
     if accelerator.is_main_process:
         (temp / STATE_FILE).write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
         if final.exists():

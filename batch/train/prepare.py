@@ -230,10 +230,15 @@ def prepare_dataset(src: Path, dst: Path, options: PrepareOptions, progress=None
     if progress is not None:
         progress.total = len(sources)
         progress.set_group(f"prepare-dataset {dst.name}")
+    # New pairs are numbered after the highest number in DST, so a pair deleted by hand never gets overwritten.
+    numbers = [int(Path(e["file_name"]).stem) for e in entries if Path(e["file_name"]).stem.isdigit()]
+    numbers += [int(p.stem) for p in dst.glob("*.png") if p.stem.isdigit()]
+    next_number = max(numbers, default=-1) + 1
     with open(dst / "metadata.jsonl", "ab") as metadata:
         for source in sources:
-            entry = _prepare_one(source, dst, options, buckets, earlier, added, len(entries), summary)
+            entry = _prepare_one(source, dst, options, buckets, earlier, added, next_number, summary)
             if entry is not None:
+                next_number += 1
                 added.add(entry["source_sha256"])
                 entries.append(entry)
                 metadata.write((json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8"))
