@@ -14,6 +14,7 @@ laid over it (`Checkpoint.merged`); the next run that writes absorbs the journal
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 from .errors import OutputError
 from .job import ImageTask
 
+log = logging.getLogger(__name__)
 FILE_NAME = "checkpoint.sqlite"
 JOURNAL_GLOB = "journal-rank*.sqlite"
 SCHEMA = """
@@ -172,9 +174,7 @@ class Checkpoint:
             ranks = source.execute("SELECT run, rank, stats FROM ranks").fetchall()
             source.close()
         except sqlite3.Error as e:  # being created by its rank, locked, or damaged: kept for a later run
-            import logging
-
-            logging.getLogger(__name__).warning("cannot read %s yet (%s): kept for a later run", journal, e)
+            log.warning("cannot read %s yet (%s): kept for a later run", journal, e)
             return None
         brought = 0
         with self.db:

@@ -440,13 +440,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_prepare_dataset(args) -> int:
-    from .progress import Progress
     from .train.prepare import PrepareOptions, prepare_dataset
 
     options = PrepareOptions(size=args.size, crop=args.crop, buckets=args.buckets, min_size=args.min_size,
                              seed=args.seed, caption=args.caption)
-    with Progress(0, quiet=args.quiet) as progress:
-        summary = prepare_dataset(args.src, args.dst, options, progress)
+    summary = prepare_dataset(args.src, args.dst, options, quiet=args.quiet)
     skipped = ", ".join(f"{len(files)} {reason.replace('_', ' ')}" for reason, files in sorted(summary.skipped.items()))
     print(f"{summary.kept} images in {args.dst} ({summary.added} added now, {summary.already} from before); "
           f"skipped: {skipped or 'none'}; captions missing: {summary.captions_missing}")

@@ -342,13 +342,12 @@ def load_options(config: RunConfig, device: str, dtype: str) -> LoadOptions:
 
 
 def execute(plan: Plan, config: RunConfig, options: LoadOptions, adapters: AdapterStore, out: Path,
-            checkpoint: Checkpoint, stop: GracefulStop, claims: Claims | None = None) -> Execution:
+            checkpoint: Checkpoint, stop: GracefulStop, claims: Claims) -> Execution:
     """Generate the batches this process claims, in plan order, one model at a time.
 
     Alone, a process claims every batch in turn; under a launcher, ranks claim from a shared
     counter, so each runs a stretch of the plan and loads a model only when its claims reach it.
     """
-    claims = claims or Claims(Ranks.single())
     # The writer holds at most one batch: a kill loses at most one batch of finished images.
     largest = max((len(b.tasks) for g in plan.groups for b in g.batches), default=1)
     writer = ImageWriter(out / "images", config.format, config.model, config.writer_threads, max_pending=largest)
@@ -405,7 +404,6 @@ class _Loaded:
     load_s: float = 0.0  # charged to the next group started
     group: Group | None = None
     tally: GroupTally | None = None
-    group_started: float = 0.0
     freed: int | None = None
 
 
@@ -422,7 +420,7 @@ def _start_group(state: _Loaded, group: Group, config: RunConfig, options: LoadO
         return  # its images fail; the report's groups are the groups that ran
     execution.tallies.append(state.tally)
     devices.reset_peak(options.device)
-    if family is not None and (devices.is_cuda(options.device) or config.compile):
+    if devices.is_cuda(options.device) or config.compile:
         started = time.perf_counter()  # first calls pick kernels (and compile): keep that out of the timings
         if not _warm_up(family, state.conditioner, group):
             devices.free_cache(options.device)

@@ -212,8 +212,10 @@ def fit(image, target: tuple[int, int] | None, options: PrepareOptions, key: str
 
 # --- the whole folder ------------------------------------------------------------------------------
 
-def prepare_dataset(src: Path, dst: Path, options: PrepareOptions, progress=None) -> PrepareSummary:
-    """Turn SRC into a training folder at DST (or add SRC's new images to it)."""
+def prepare_dataset(src: Path, dst: Path, options: PrepareOptions, quiet: bool = True) -> PrepareSummary:
+    """Turn SRC into a training folder at DST (or add SRC's new images to it); a progress bar unless quiet."""
+    from ..progress import Progress
+
     options.check()
     src, dst = Path(src), Path(dst)
     if dst.exists() and not dst.is_dir():
@@ -227,14 +229,12 @@ def prepare_dataset(src: Path, dst: Path, options: PrepareOptions, progress=None
     added: set[str] = set()
     summary = PrepareSummary(already=len(entries))
     buckets = buckets_for(options.size) if options.buckets else None
-    if progress is not None:
-        progress.total = len(sources)
-        progress.set_group(f"prepare-dataset {dst.name}")
     # New pairs are numbered after the highest number in DST, so a pair deleted by hand never gets overwritten.
     numbers = [int(Path(e["file_name"]).stem) for e in entries if Path(e["file_name"]).stem.isdigit()]
     numbers += [int(p.stem) for p in dst.glob("*.png") if p.stem.isdigit()]
     next_number = max(numbers, default=-1) + 1
-    with open(dst / "metadata.jsonl", "ab") as metadata:
+    with Progress(len(sources), quiet=quiet) as progress, open(dst / "metadata.jsonl", "ab") as metadata:
+        progress.set_group(f"prepare-dataset {dst.name}")
         for source in sources:
             entry = _prepare_one(source, dst, options, buckets, earlier, added, next_number, summary)
             if entry is not None:
@@ -243,8 +243,7 @@ def prepare_dataset(src: Path, dst: Path, options: PrepareOptions, progress=None
                 entries.append(entry)
                 metadata.write((json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8"))
                 metadata.flush()  # the pair is on disk already: a crash after this line loses nothing
-            if progress is not None:
-                progress.advance(1)
+            progress.advance(1)
     summary.kept = len(entries)
     summary.added = summary.kept - summary.already
     summary.captions_missing = sum(1 for entry in entries if entry.get("caption_missing"))
