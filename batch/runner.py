@@ -82,6 +82,7 @@ class GroupTally:
     wall_s: float = 0.0
     per_image_s: list[float] = field(default_factory=list)
     failed: int = 0
+    batches: int = 0  # the batches this process ran: under a launcher, its share of the group's
     peak_vram_bytes: int | None = None
     freed_before_bytes: int | None = None  # GPU memory freed by unloading the previous model
     vram_estimate_bytes: int | None = None  # what `validate --estimate-vram` predicts, beside the measured peak
@@ -93,7 +94,7 @@ class GroupTally:
         made = len(times)
         return {
             "model": g.model, "mode": g.mode, "width": g.width, "height": g.height, "lora": g.lora,
-            "images": made, "failed": self.failed, "batches": len(g.batches),
+            "images": made, "failed": self.failed, "batches": self.batches,
             "batch_size": max(len(b.tasks) for b in g.batches),
             "working_batch_size": self.working_batch_size or max(len(b.tasks) for b in g.batches),
             "load_s": round(self.load_s, 4), "warmup_s": round(self.warmup_s, 4), "wall_s": round(self.wall_s, 4),
@@ -374,6 +375,7 @@ def execute(plan: Plan, config: RunConfig, options: LoadOptions, adapters: Adapt
                             state.family.adapters = adapters
                             state.conditioner = Conditioner(state.family)
                     _start_group(state, group, config, options, execution, progress)
+                state.tally.batches += 1
                 if state.family is None:  # the model did not load: its batches fail, with why
                     checkpoint.commit([Outcome(t, ok=False, error=f"model did not load: {state.load_error}",
                                                group=group.name) for t in batch.tasks])

@@ -44,11 +44,16 @@ def _manifest(folder: Path, count: int = 22) -> Path:
 
 
 def _torchrun(manifest: Path, out: Path, nproc: int = 2, extra=(), torchrun_args=(), wait=True):
+    return _launch(["run", str(manifest), "--out", str(out), *OPTIONS, *extra], nproc, torchrun_args, wait)
+
+
+def _launch(command: list[str], nproc: int = 2, torchrun_args=(), wait=True):
+    """`torchrun ... -m batch.cli COMMAND`, one CPU thread per process."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *torchrun_args]
     if "--nnodes" not in torchrun_args:
         args += ["--master-port", str(_free_port())]
-    args += ["-m", "batch.cli", "run", str(manifest), "--out", str(out), *OPTIONS, *extra]
+    args += ["-m", "batch.cli", *command]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if not wait:
         return proc
@@ -103,6 +108,9 @@ def test_two_ranks_make_every_image_once_with_single_process_pixels(reference, t
     assert all(r["images"] >= 1 for r in ranks), f"both ranks must work: {ranks}"
     assert sum(r["images"] for r in ranks) == 26 == report["totals"]["generated"]
     assert report["run"]["processes"] == 2
+    single_report = json.loads((single / "report.json").read_text())
+    batches = [[g["batches"] for g in r["groups"]] for r in (report, single_report)]
+    assert batches[0] == batches[1], "each batch counted once, whichever rank ran it"
     assert not list(out.glob("journal-rank*.sqlite")), "rank 0 absorbs the journals at the end"
     assert "Processes (2)" in (out / "report.html").read_text()
 
@@ -184,6 +192,42 @@ def test_two_machines_on_loopback_share_one_out(reference, tmp_path):
     _same_pixels(out, single)
     ranks = json.loads((out / "report.json").read_text())["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1] and sum(r["images"] for r in ranks) == 26
+
+
+def test_train_lora_under_torchrun_an_interrupt_to_one_process_stops_both_at_one_step(tmp_path):
+    """Ctrl-C that reaches one rank only (a signal to one pid): every rank stops after the same step,
+    one checkpoint is written, and the run resumes under the same launch to the end."""
+    from batch.toy.world import write_folder
+
+    write_folder(tmp_path / "raw", 4, seed=1, shapes=("diamond",))
+    assert cli("prepare-dataset", tmp_path / "raw", tmp_path / "data", "--size", "64", "--quiet") == 0
+    out = tmp_path / "lora"
+    train = ["train-lora", str(tmp_path / "data"), "--out", str(out), "--model", "tiny", "--device", "cpu",
+             "--resolution", "64", "--batch-size", "1", "--rank", "2", "--checkpoint-every", "1000", "--quiet"]
+    proc = _launch([*train, "--max-steps", "1000"], wait=False)
+    deadline = time.monotonic() + 300
+    loss_log = out / "loss.csv"
+    while time.monotonic() < deadline and proc.poll() is None and (
+            not loss_log.exists() or len(loss_log.read_text().splitlines()) < 4):
+        time.sleep(0.05)
+    workers = _rank_pids(proc.pid)
+    assert len(workers) == 2 and proc.poll() is None, "the run ended before it could be interrupted"
+    os.kill(workers[-1], signal.SIGINT)
+    try:
+        output, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        for pid in [*_rank_pids(proc.pid), proc.pid]:
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail("the other process did not stop: it waits for the interrupted one")
+    stopped = [int(line.split("stopped at step ")[1].split(";")[0]) for line in output.splitlines()
+               if "stopped at step " in line]
+    assert len(stopped) == 2 and stopped[0] == stopped[1], output[-3000:]  # each rank says so, at one step
+    step = stopped[0]
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    code, output = _launch([*train, "--max-steps", str(step + 2), "--resume", "latest"])
+    assert code == 0, output[-3000:]
+    assert json.loads((out / "train.json").read_text())["processes"] == 2
+    assert (out / "final").is_dir() and len(loss_log.read_text().splitlines()) == step + 3  # a header, every step
 
 
 def test_a_single_process_run_writes_no_journal_and_keeps_wal(tmp_path):

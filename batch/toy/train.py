@@ -65,6 +65,10 @@ class TrainConfig:
     # keeps its init image under any prompt, instead of repainting it (a case training never showed)
     mismatch: float = 0.25
     mismatch_below: int = 450  # timesteps
+    # at every noise level, a full caption names another drawing this often, as web captions do: the
+    # conditional model alone then follows its prompt only as often as its captions were right, and
+    # classifier-free guidance (which divides out what any caption would draw) has something to recover
+    label_noise: float = 0.3
     # IP-Adapter
     ip_steps: int = 1500
     ip_tokens: int = 4
@@ -208,6 +212,17 @@ def pick_caption(scene, rng: random.Random, config: TrainConfig) -> str:
     return full
 
 
+def noisy_caption(scene, rng: random.Random, config: TrainConfig) -> str:
+    """`pick_caption`, except that a full caption names another (colour, shape) `label_noise` of the time."""
+    from .world import COLOURS, SHAPES
+
+    caption = pick_caption(scene, rng, config)
+    if caption != caption_choices(scene)[0] or rng.random() >= config.label_noise:
+        return caption
+    others = [(c, s) for c in sorted(COLOURS) for s in sorted(SHAPES) if (c, s) != (scene.colour, scene.shape)]
+    return "a {} {}".format(*rng.choice(others))
+
+
 def mismatched_caption(scene, rng: random.Random) -> str:
     """A full caption that names another colour and another shape than the drawing's."""
     from .world import COLOURS, SHAPES
@@ -243,7 +258,7 @@ def train_main(text_encoder, unet, vision, tokenizer, latents, clip_pixels, scen
         index = torch.randint(len(latents), (config.batch,), generator=generator)
         t = torch.randint(noise_schedule.config.num_train_timesteps, (config.batch,), generator=generator)
         captions = [mismatched_caption(scenes[i], rng) if t_i < config.mismatch_below and rng.random() < config.mismatch
-                    else pick_caption(scenes[i], rng, config) for i, t_i in zip(index.tolist(), t.tolist())]
+                    else noisy_caption(scenes[i], rng, config) for i, t_i in zip(index.tolist(), t.tolist())]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
         text = text_encoder(ids)

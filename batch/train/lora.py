@@ -299,7 +299,7 @@ def _train(config: LoraTrainConfig, examples: list[Example], resume_from: Path |
                 with progress.paused():
                     _validate_now(spec, out, step, accelerator.unwrap_model(unet))
             accelerator.wait_for_everyone()
-            if stop.requested and step < config.max_steps:
+            if _anyone(accelerator, stop.requested) and step < config.max_steps:
                 if last_saved != step:
                     _save_checkpoint(accelerator, out, step, config.keep_checkpoints)
                 log.warning("stopped at step %d; checkpoint saved: run the same command with --resume latest", step)
@@ -452,6 +452,16 @@ def _loss(unet, text_encoder, vae, tokenizer, noise_scheduler, examples, order: 
     weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
     loss = F.mse_loss(predicted.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (loss * weights).mean()
+
+
+def _anyone(accelerator, flag: bool) -> bool:
+    """True on every process when it is True on one: an interrupt that reached only some processes
+    stops them all at the same step (one stopping alone would leave the others waiting in an all-reduce)."""
+    if accelerator.num_processes == 1:
+        return flag
+    import torch
+
+    return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
 
 
 def _save_checkpoint(accelerator, out: Path, step: int, keep: int | None) -> Path:

@@ -1,0 +1,52 @@
+"""The embedded model's training recipe (`batch.toy.train`): its captions, and a short run that saves a loadable model."""
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+
+from batch.toy import train
+from batch.toy.world import COLOURS, SHAPES, Scene
+
+
+def _scene(colour: str = "red", shape: str = "circle") -> Scene:
+    return Scene(colour=colour, shape=shape, size=40, centre=(64, 64), background=(230, 230, 230))
+
+
+def test_label_noise_names_another_drawing_as_often_as_configured():
+    config = replace(train.TrainConfig(), label_noise=0.3)
+    rng, scene = random.Random(0), _scene()
+    captions = Counter(train.noisy_caption(scene, rng, config) for _ in range(20000))
+    true, colour, shape, empty = train.caption_choices(scene)
+    full = {f"a {c} {s}" for c in COLOURS for s in SHAPES}
+    wrong = sum(n for caption, n in captions.items() if caption in full and caption != true)
+    full_total = wrong + captions[true]
+    assert abs(wrong / full_total - 0.3) < 0.02, captions
+    # every other drawing is named, none more than its share
+    others = [n for caption, n in captions.items() if caption in full and caption != true]
+    assert len(others) == len(full) - 1 and max(others) < 2 * min(others)
+    # the one-word and empty captions (negative prompts, guidance's unconditional half) stay true
+    assert set(captions) - full == {colour, shape, empty}
+
+
+def test_no_label_noise_keeps_every_caption_true():
+    config = replace(train.TrainConfig(), label_noise=0.0)
+    rng, scene = random.Random(1), _scene("blue", "triangle")
+    assert {train.noisy_caption(scene, rng, config) for _ in range(2000)} == set(train.caption_choices(scene))
+
+
+@pytest.mark.slow
+def test_a_short_training_run_saves_a_model_that_diffusers_loads(tmp_path):
+    """The documented command's stages end to end, at a few steps each (not a quality check)."""
+    from diffusers import StableDiffusionPipeline
+
+    config = replace(train.TrainConfig(), images=24, vae_steps=2, steps=2, ip_steps=2, batch=4, vae_batch=4)
+    summary = train.train(config, tmp_path / "tiny", tmp_path / "tiny-ip-adapter")
+    written = json.loads((tmp_path / "tiny" / "training.json").read_text())
+    assert written["config"]["label_noise"] == config.label_noise and written["model_bytes"] == summary["model_bytes"]
+    assert (tmp_path / "tiny-ip-adapter" / "ip-adapter_tiny.safetensors").stat().st_size > 0
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny", safety_checker=None)
+    assert pipe.image_encoder is not None and pipe.unet.config.cross_attention_dim == config.width
