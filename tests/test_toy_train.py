@@ -16,18 +16,19 @@ def _scene(colour: str = "red", shape: str = "circle") -> Scene:
     return Scene(colour=colour, shape=shape, size=40, centre=(64, 64), background=(230, 230, 230))
 
 
-def test_label_noise_names_another_drawing_as_often_as_configured():
-    config = replace(train.TrainConfig(), label_noise=0.3)
+@pytest.mark.parametrize("attributes", [("shape",), ("colour", "shape")])
+def test_label_noise_names_another_drawing_as_often_as_configured(attributes):
+    config = replace(train.TrainConfig(), label_noise=0.3, label_noise_attributes=attributes)
     rng, scene = random.Random(0), _scene()
     captions = Counter(train.noisy_caption(scene, rng, config) for _ in range(20000))
     true, colour, shape, empty = train.caption_choices(scene)
     full = {f"a {c} {s}" for c in COLOURS for s in SHAPES}
-    wrong = sum(n for caption, n in captions.items() if caption in full and caption != true)
-    full_total = wrong + captions[true]
-    assert abs(wrong / full_total - 0.3) < 0.02, captions
-    # every other drawing is named, none more than its share
-    others = [n for caption, n in captions.items() if caption in full and caption != true]
-    assert len(others) == len(full) - 1 and max(others) < 2 * min(others)
+    wrong = {caption: n for caption, n in captions.items() if caption in full and caption != true}
+    assert abs(sum(wrong.values()) / (sum(wrong.values()) + captions[true]) - 0.3) < 0.02, captions
+    # every drawing that differs only in the noisy attributes is named, none more than its share
+    expected = {f"a {c} {s}" for c in (COLOURS if "colour" in attributes else ["red"])
+                for s in (SHAPES if "shape" in attributes else ["circle"])} - {true}
+    assert set(wrong) == expected and max(wrong.values()) < 2 * min(wrong.values())
     # the one-word and empty captions (negative prompts, guidance's unconditional half) stay true
     assert set(captions) - full == {colour, shape, empty}
 
