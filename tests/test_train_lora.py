@@ -157,8 +157,13 @@ def test_cached_latents_change_speed_only(dataset, tmp_path):
     assert cli("train-lora", dataset, "--out", tmp_path / "plain", *options) == 0
     assert cli("train-lora", dataset, "--out", tmp_path / "cached", *options, "--cache-latents") == 0
     a, b = _adapter(tmp_path / "plain"), _adapter(tmp_path / "cached")
+    # the VAE encodes all images in one batch when caching, one batch per step otherwise: float32 rounding
+    # differs by ~1e-6, while any real difference in the latents moves Adam's steps by ~lr (1e-3)
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
+    assert max((a[key] - b[key]).abs().max().item() for key in a) < 1e-5
+    moved = max(a[key].abs().max().item() for key in a if any(up in key for up in ("lora_B", "lora.up", "lora_up")))
+    assert moved > 1e-4, "the adapter trained: the comparison is not between two zero tensors"
 
 
 def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(dataset, tmp_path, monkeypatch, capsys):
