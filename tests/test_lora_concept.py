@@ -83,5 +83,5 @@ def test_the_lora_keeps_the_colours_of_old_prompts(lesson):
     text = f"'a <colour> circle' with the LoRA: circle {shape}/{n}, colour {colour}/{n} (base model: circle {base_shape}/{n})"
     record_figure("LoRA keeps the old shapes", text)
     # A side figure, not a bar (the issue asks for the new concept): how much the adapter takes over the old
-    # words. Colour must hold; the shape is recorded (4/12 circles stay circles with this recipe).
+    # words. Colour must hold; the shape is recorded (reports/quality-*.md).
     assert colour >= 0.75 * n, text

@@ -9,17 +9,14 @@ from dataclasses import replace
 import pytest
 
 from batch.toy import train
-from batch.toy.world import COLOURS, SHAPES, Scene
-
-
-def _scene(colour: str = "red", shape: str = "circle") -> Scene:
-    return Scene(colour=colour, shape=shape, size=40, centre=(64, 64), background=(230, 230, 230))
+from batch.toy.world import COLOURS, SHAPES, sample_scene
 
 
 @pytest.mark.parametrize("attributes", [("shape",), ("colour", "shape")])
 def test_label_noise_names_another_drawing_as_often_as_configured(attributes):
     config = replace(train.TrainConfig(), label_noise=0.3, label_noise_attributes=attributes)
-    rng, scene = random.Random(0), _scene()
+    rng = random.Random(0)
+    scene = sample_scene(rng, colour="red", shape="circle")
     captions = Counter(train.noisy_caption(scene, rng, config) for _ in range(20000))
     true, colour, shape, empty = train.caption_choices(scene)
     full = {f"a {c} {s}" for c in COLOURS for s in SHAPES}
@@ -35,7 +32,8 @@ def test_label_noise_names_another_drawing_as_often_as_configured(attributes):
 
 def test_no_label_noise_keeps_every_caption_true():
     config = replace(train.TrainConfig(), label_noise=0.0)
-    rng, scene = random.Random(1), _scene("blue", "triangle")
+    rng = random.Random(1)
+    scene = sample_scene(rng, colour="blue", shape="triangle")
     assert {train.noisy_caption(scene, rng, config) for _ in range(2000)} == set(train.caption_choices(scene))
 
 

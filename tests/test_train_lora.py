@@ -161,7 +161,6 @@ def test_cached_latents_change_speed_only(dataset, tmp_path):
     # differs by ~1e-6, while any real difference in the latents moves Adam's steps by ~lr (1e-3)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5)
-    assert max((a[key] - b[key]).abs().max().item() for key in a) < 1e-5
     moved = max(a[key].abs().max().item() for key in a if any(up in key for up in ("lora_B", "lora.up", "lora_up")))
     assert moved > 1e-4, "the adapter trained: the comparison is not between two zero tensors"
 

@@ -166,11 +166,12 @@ def _resume_from(config: LoraTrainConfig) -> Path | None:
             raise BatchError(f"--resume {config.resume}: not a checkpoint folder (no {STATE_FILE})")
     previous = out / "train.json"
     if previous.is_file():
-        earlier = json.loads(previous.read_text(encoding="utf-8")).get("settings", {})
+        recorded = json.loads(previous.read_text(encoding="utf-8"))
+        earlier = recorded.get("settings", {})
         now = config.settings()
         changed = [f"{k}: {earlier.get(k)!r} then, {now[k]!r} now" for k in FIXED_ON_RESUME if earlier.get(k) != now[k]]
         processes = int(os.environ.get("WORLD_SIZE", "1"))
-        earlier_processes = json.loads(previous.read_text(encoding="utf-8")).get("processes", processes)
+        earlier_processes = recorded.get("processes", processes)
         if earlier_processes != processes:  # the LR schedule and the batches of each step depend on it
             changed.append(f"processes: {earlier_processes} then, {processes} now")
         if changed:
@@ -299,7 +300,11 @@ def _train(config: LoraTrainConfig, examples: list[Example], resume_from: Path |
                 with progress.paused():
                     _validate_now(spec, out, step, accelerator.unwrap_model(unet))
             accelerator.wait_for_everyone()
-            if _anyone(accelerator, stop.requested) and step < config.max_steps:
+            if stop.requested:
+                accelerator.set_trigger()
+            # an interrupt that reached only some processes stops them all at this step (one stopping alone
+            # would leave the others waiting in an all-reduce): check_trigger is true everywhere if set anywhere
+            if accelerator.check_trigger() and step < config.max_steps:
                 if last_saved != step:
                     _save_checkpoint(accelerator, out, step, config.keep_checkpoints)
                 log.warning("stopped at step %d; checkpoint saved: run the same command with --resume latest", step)
@@ -452,16 +457,6 @@ def _loss(unet, text_encoder, vae, tokenizer, noise_scheduler, examples, order: 
     weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
     loss = F.mse_loss(predicted.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (loss * weights).mean()
-
-
-def _anyone(accelerator, flag: bool) -> bool:
-    """True on every process when it is True on one: an interrupt that reached only some processes
-    stops them all at the same step (one stopping alone would leave the others waiting in an all-reduce)."""
-    if accelerator.num_processes == 1:
-        return flag
-    import torch
-
-    return accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0
 
 
 def _save_checkpoint(accelerator, out: Path, step: int, keep: int | None) -> Path:
