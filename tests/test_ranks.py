@@ -213,21 +213,27 @@ def test_train_lora_under_torchrun_an_interrupt_to_one_process_stops_both_at_one
     workers = _rank_pids(proc.pid)
     assert len(workers) == 2 and proc.poll() is None, "the run ended before it could be interrupted"
     os.kill(workers[-1], signal.SIGINT)
-    try:
-        output, _ = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        for pid in [*_rank_pids(proc.pid), proc.pid]:
-            os.kill(pid, signal.SIGKILL)
-        pytest.fail("the other process did not stop: it waits for the interrupted one")
+    output = _finish(proc, "the other process did not stop: it waits for the interrupted one")
     stopped = [int(line.split("stopped at step ")[1].split(";")[0]) for line in output.splitlines()
                if "stopped at step " in line]
     assert len(stopped) == 2 and stopped[0] == stopped[1], output[-3000:]  # each rank says so, at one step
     step = stopped[0]
     assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
-    code, output = _launch([*train, "--max-steps", str(step + 2), "--resume", "latest"])
-    assert code == 0, output[-3000:]
+    proc = _launch([*train, "--max-steps", str(step + 2), "--resume", "latest"], wait=False)
+    output = _finish(proc, "the resumed run did not end")
+    assert proc.returncode == 0, output[-3000:]
     assert json.loads((out / "train.json").read_text())["processes"] == 2
     assert (out / "final").is_dir() and len(loss_log.read_text().splitlines()) == step + 3  # a header, every step
+
+
+def _finish(proc, why: str, timeout: float = 180) -> str:
+    """The launch's output once it ends; past `timeout`, kill every process of it and fail with `why`."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        for pid in [*_rank_pids(proc.pid), proc.pid]:
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"{why} within {timeout} s: {proc.communicate()[0][-2000:]}")
 
 
 def test_a_single_process_run_writes_no_journal_and_keeps_wal(tmp_path):
