@@ -65,7 +65,7 @@ class Result:
         return pd.DataFrame.from_records(records)
 
 
-def run(rows, out=None, model: str = DEFAULT_MODEL, **options) -> Result:
+def run(rows, out=None, model: str = DEFAULT_MODEL, *, launcher: bool = False, **options) -> Result:
     """Run a manifest path, a pandas DataFrame or a list of dicts, as `sdbatch run` would.
 
     Keyword options are the CLI's run options with underscores (`batch_size`, `retry_failed`,
@@ -73,7 +73,14 @@ def run(rows, out=None, model: str = DEFAULT_MODEL, **options) -> Result:
     `scheduler`, ...), with the CLI's defaults. A DataFrame or list is stored in OUT as
     `manifest.jsonl`, so resume, `status` and `report` work as for any run; an invalid row
     raises `ManifestError` listing every bad row by its index.
+
+    The run is one process, even under torchrun / accelerate launch (so a call under
+    `if accelerator.is_main_process:` never waits for the other ranks). `launcher=True` joins
+    the launch instead: every rank must then call `run` with the same arguments, and the ranks
+    share the work as `torchrun ... -m batch.cli run` does. Ctrl-C stops at the next batch.
     """
+    from .context import RunContext
+    from .interrupt import GracefulStop
     from .runner import run as run_manifest
 
     _show_progress(not options.get("quiet", False))
@@ -90,7 +97,9 @@ def run(rows, out=None, model: str = DEFAULT_MODEL, **options) -> Result:
     config = RunConfig(manifest=manifest, out=out, model=model, defaults=defaults,
                        **{k: v for k, v in options.items() if k in _RUN_OPTIONS})
     try:
-        outcome = run_manifest(config)
+        with GracefulStop() as stop:
+            context = (RunContext.launched if launcher else RunContext.single)(config.device, stop)
+            outcome = run_manifest(config, context)
     except ManifestError as e:
         if labels is None:
             raise
@@ -268,7 +277,7 @@ class Generator:
     def _run(self, params: dict, out) -> list:
         from .adapters import check_adapters
         from .generate import generate_batch
-        from .manifest import _ImageChecker, validate_row
+        from .manifest import ImageChecker, validate_row
         from .plan import Batch
         from .runner import pixel_salt
 
@@ -279,7 +288,7 @@ class Generator:
         if self.lora is not None:
             raw.setdefault("lora", self.lora[0])
             raw.setdefault("lora_scale", self.lora[1])
-        job, errors = validate_row(1, raw, self.defaults, 0, _ImageChecker(Path.cwd()))
+        job, errors = validate_row(1, raw, self.defaults, 0, ImageChecker(Path.cwd()))
         if errors:
             raise ManifestError("arguments", [_IndexedError(e.line, e.column, e.value, e.allowed, "call") for e in errors])
         needs = {f"lora:{job.lora}" if job.lora else None, job.image_prompt_method} - {None, "clip_embed"}

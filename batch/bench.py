@@ -187,12 +187,13 @@ def run_sdbatch(manifest: Path, s: Settings, out: Path, name: str, compile: bool
     """The runner with default settings (plus --compile for the tuned variant)."""
     from .checkpoint import FILE_NAME, Checkpoint
     from .config import RunConfig
+    from .context import RunContext
     from .runner import run
 
     _reset_peak(s.device)
     started = time.perf_counter()
     result = run(RunConfig(manifest=manifest, out=out, model=s.model, device=s.device, batch_size=s.batch_size,
-                           compile=compile, quiet=True, fresh=True))
+                           compile=compile, quiet=True, fresh=True), RunContext.single(s.device))
     wall = time.perf_counter() - started
     report = json.loads((out / "report.json").read_text())
     checkpoint = Checkpoint(out / FILE_NAME, readonly=True)

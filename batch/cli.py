@@ -294,6 +294,8 @@ def _single_job_manifest(args) -> Path:
 
 
 def cmd_run(args) -> int:
+    from .context import RunContext
+    from .interrupt import GracefulStop
     from .runner import run
 
     single = args.prompt is not None or args.prompt_image is not None or args.init_image is not None
@@ -309,7 +311,8 @@ def cmd_run(args) -> int:
         fresh=args.fresh, limit=args.limit, quiet=args.quiet, compile=args.compile, defaults=_defaults(args),
         offload=args.offload, attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
         vae_tiling=args.vae_tiling, safety_checker=args.safety_checker, ip_adapter=args.ip_adapter)
-    result = run(config)
+    with GracefulStop() as stop:  # this process's place in a torchrun / accelerate launch, if any
+        result = run(config, RunContext.launched(config.device, stop))
     c = result.counts
     print(f"{c.done}/{c.total} images done ({result.generated} made now, {result.skipped} from checkpoint), "
           f"{c.failed} failed, {c.pending} pending -> {result.out}")

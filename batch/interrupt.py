@@ -15,7 +15,23 @@ class StopRequested(Exception):
     """Raised at a safe point (between batches) after a first interrupt."""
 
 
-class GracefulStop:
+class Stop:
+    """A stop signal a run checks between batches: the caller's, handed down (a nested run never
+    installs handlers of its own, or a Ctrl-C would stop only the inner run)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def request(self) -> None:
+        self.requested = True
+
+    def check(self) -> None:
+        """A safe point: raise StopRequested if a stop was asked for."""
+        if self.requested:
+            raise StopRequested()
+
+
+class GracefulStop(Stop):
     """Installs the handlers for the duration of a run (main thread only; elsewhere a no-op).
 
     First signal: finish the batch in hand, flush the writer pool, commit the checkpoint.
@@ -24,7 +40,7 @@ class GracefulStop:
     """
 
     def __init__(self):
-        self.requested = False
+        super().__init__()
         self.previous: dict = {}
 
     def __enter__(self) -> GracefulStop:
@@ -45,8 +61,3 @@ class GracefulStop:
         self.requested = True
         name = signal.Signals(signum).name
         log.warning("%s: stopping after the current batch (again to stop at once)", name)
-
-    def check(self) -> None:
-        """A safe point: raise StopRequested if a stop was asked for."""
-        if self.requested:
-            raise StopRequested()

@@ -304,7 +304,7 @@ class _Row:
         return value.strip()
 
 
-class _ImageChecker:
+class ImageChecker:
     """Resolves image paths against the manifest folder; each distinct file is opened once."""
 
     def __init__(self, folder: Path):
@@ -408,7 +408,7 @@ def derive_seed(run_seed: int, job_id: str) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
-def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images: _ImageChecker) -> tuple[Job | None, list[RowError]]:
+def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images: ImageChecker) -> tuple[Job | None, list[RowError]]:
     """One raw row to a Job, or the list of everything wrong with it."""
     row = _Row(line, raw)
     row.text("id")  # an object or list as id is an error
@@ -588,7 +588,7 @@ def load_manifest(path: Path, defaults: Defaults = Defaults(), run_seed: int = 0
 
 
 def _validate_rows(path: Path, rows, defaults: Defaults, run_seed: int):
-    images = _ImageChecker(path.resolve().parent)
+    images = ImageChecker(path.resolve().parent)
     duplicates = _unique_ids(rows)
     jobs, invalid = [], []
     for line, raw in rows:

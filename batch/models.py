@@ -89,14 +89,18 @@ def resolve_model(name: str) -> ModelSource:
 
 
 def resolve_device(name: str) -> str:
+    """"cpu" or an indexed "cuda:N" (torch.cuda.set_device and friends refuse a bare "cuda");
+    auto and cuda take the current CUDA device, GPU 0 unless the caller chose another."""
     import torch
 
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
         raise BatchError(f"--device {name}: use auto, cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BatchError(f"--device {name}: no CUDA device is available here (use --device cpu)")
+    if name == "cuda":
+        return f"cuda:{torch.cuda.current_device()}"
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise BatchError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")

@@ -90,3 +90,34 @@ def make_plan(tasks: list[ImageTask], default_model: str, batch_size: int | None
                 index += 1
         built.append(Group(model_id, lora, mode, width, height, tuple(batches)))
     return Plan(tuple(built))
+
+
+def layout(plan: Plan) -> list[list[list]]:
+    """The plan as data: every batch's (id, k) pairs, in order (what rank 0 publishes to the other ranks)."""
+    return [[[t.job.id, t.k] for t in batch.tasks] for group in plan.groups for batch in group.batches]
+
+
+def from_layout(tasks: list[ImageTask], batches: list[list[list]], default_model: str) -> Plan:
+    """Rebuild rank 0's plan, batch for batch, from this rank's own tasks (rows are validated on every rank;
+    batch sizes are rank 0's, whatever this rank's device would choose)."""
+    from .errors import BatchError
+
+    by_key = {(t.job.id, t.k): t for t in tasks}
+    groups: list[Group] = []
+    current, members = None, []
+    for index, pairs in enumerate(batches):
+        try:
+            chosen = tuple(by_key[(image_id, k)] for image_id, k in pairs)
+        except KeyError as e:
+            raise BatchError(f"rank 0 planned image {e.args[0]} that this rank's manifest does not have: "
+                             "every rank must read the same manifest with the same options") from None
+        job = chosen[0].job
+        key = (job.model or default_model, job.lora, job.mode, job.width, job.height)
+        if key != current and members:
+            groups.append(Group(*current, tuple(members)))
+            members = []
+        current = key
+        members.append(Batch(index=index, tasks=chosen))
+    if members:
+        groups.append(Group(*current, tuple(members)))
+    return Plan(tuple(groups))

@@ -17,16 +17,17 @@ from . import __version__, devices
 from .adapters import AdapterStore, check_adapters
 from .checkpoint import FILE_NAME, Checkpoint, Counts, Outcome, journal_name
 from .config import RunConfig
+from .context import RunContext
 from .errors import ModelError
 from .estimate import group_estimate
 from .generate import Conditioner, generate_batch, warm_up
-from .interrupt import GracefulStop, StopRequested
+from .interrupt import Stop, StopRequested
 from .lock import FolderLock
 from .manifest import Manifest, load_manifest, portable_row, read_bytes
-from .models import LoadOptions, check_options, load_family, resolve_device, resolve_dtype, resolve_model
-from .plan import Batch, Group, Plan, make_plan
+from .models import LoadOptions, check_options, load_family, resolve_dtype, resolve_model
+from .plan import Batch, Group, Plan, from_layout, layout, make_plan
 from .progress import Progress
-from .ranks import Claims, Ranks, rank_device
+from .ranks import Claims, Ranks
 from .report import write_reports
 from .writer import ImageWriter, adopt_written, remove_temp_files, write_failed, write_metadata, write_text_atomic
 
@@ -126,13 +127,16 @@ def peak_rss_bytes() -> int:
         return psutil.Process().memory_info().peak_wset
 
 
-def run(config: RunConfig) -> RunResult:
-    """The whole `run` command: nothing loads until every row is valid."""
+def run(config: RunConfig, context: RunContext) -> RunResult:
+    """The whole `run` command: nothing loads until every row is valid.
+
+    `context` says how this run is being run (ranks, device, stop): the entry point builds it
+    (`RunContext.launched` for the CLI, `RunContext.single` for a nested or main-process-only run).
+    """
     # 1. Read and validate every row; resolve what the run needs
     started = time.perf_counter()
-    ranks = Ranks.from_env()  # one process unless torchrun / accelerate launch started several
+    ranks, device, stop = context.ranks, context.device, context.stop
     defaults = dataclasses.replace(config.defaults, model=config.model)
-    device = resolve_device(rank_device(config.device, ranks))
     dtype = resolve_dtype(config.dtype, device)
     options = load_options(config, device, dtype)
     check_options(options)
@@ -155,14 +159,16 @@ def run(config: RunConfig) -> RunResult:
     (out / "images").mkdir(parents=True, exist_ok=True)
     file_log = _log_to(out / ("run.log" if ranks.main else f"run-rank{ranks.rank}.log"))
     try:
-        claims = Claims(ranks)
-        if not ranks.main:  # rank 0 holds the lock and the checkpoint; this rank journals its own images
-            with GracefulStop() as stop:
+        with Claims(ranks, stop) as claims:
+            if not ranks.main:  # rank 0 holds the lock and the checkpoint; this rank journals its own images
                 return _run_rank(config, tasks, options, adapters, out, stop, claims, ranks)
-        with FolderLock(out), GracefulStop() as stop:
-            return _run_locked(config, manifest, jobs, tasks, options, adapters, out, stop, started,
-                               {"resume_fingerprint": fingerprint, "finished_images": finished_images,
-                                "finished_rows": len(finished), "existing": existing}, claims, ranks)
+            with FolderLock(out):
+                return _run_locked(config, manifest, jobs, tasks, options, adapters, out, stop, started,
+                                   {"resume_fingerprint": fingerprint, "finished_images": finished_images,
+                                    "finished_rows": len(finished), "existing": existing}, claims, ranks)
+    except StopRequested:  # stopped while waiting for the other ranks to start: nothing was made
+        log.warning("interrupted before the first batch")
+        return RunResult(out, Counts(len(tasks), 0, 0), 0, 0, True)
     finally:
         logging.getLogger("batch").removeHandler(file_log)
         file_log.close()
@@ -212,7 +218,7 @@ def _finished_lines(out: Path, fingerprint: str | None, existing: set[str]) -> t
 
 
 def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: LoadOptions, adapters: AdapterStore,
-                out: Path, stop: GracefulStop, started: float, resume: dict, claims: Claims, ranks: Ranks) -> RunResult:
+                out: Path, stop: Stop, started: float, resume: dict, claims: Claims, ranks: Ranks) -> RunResult:
     """Steps 2-4 of `run`, with the folder locked (alone, or as rank 0 of several processes)."""
     images_dir = out / "images"
     if resume["finished_rows"]:
@@ -251,8 +257,8 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
     plan = make_plan(synced.todo, config.model, config.batch_size, options.device)
     log.info("%d jobs: %d images to make in %d batches, %d done earlier, %d failed earlier (not retried)",
              len(jobs) + manifest.skipped_rows, plan.images, plan.batches, synced.skipped, synced.failed_kept)
-    if ranks.distributed:  # the exact todo list, in order: the other ranks' plans must match batch for batch
-        write_text_atomic(out / _plan_name(checkpoint.run), json.dumps([[t.job.id, t.k] for t in synced.todo]))
+    if ranks.distributed:  # the exact batches, in order: the other ranks run rank 0's plan, batch sizes included
+        write_text_atomic(out / _plan_name(checkpoint.run), json.dumps(layout(plan)))
     claims.announce("ready", str(checkpoint.run))
 
     # 3. Generate, writing as we go
@@ -263,9 +269,11 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
         claims.finished()
         if not interrupted:  # stopped: the launcher stops the others too; the next run absorbs their journals
             log.info("waiting for the other ranks to finish")
-            claims.await_all_finished()
-            checkpoint.absorb_journals(out)
-            (out / _plan_name(checkpoint.run)).unlink(missing_ok=True)
+            if claims.await_all_finished():
+                checkpoint.absorb_journals(out)
+                (out / _plan_name(checkpoint.run)).unlink(missing_ok=True)
+            else:  # stopped while waiting: report what is recorded; the next run takes the rest
+                interrupted = True
 
     # 4. Folder-level outputs, rebuilt from the checkpoint
     generated = sum(len(t.per_image_s) for t in tallies)
@@ -293,12 +301,10 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
 
 
 def _run_rank(config: RunConfig, tasks, options: LoadOptions, adapters: AdapterStore, out: Path,
-              stop: GracefulStop, claims: Claims, ranks: Ranks) -> RunResult:
+              stop: Stop, claims: Claims, ranks: Ranks) -> RunResult:
     """A rank other than 0: plan what rank 0 registered, claim batches, journal them in its own file."""
     run_id = int(claims.await_announcement("ready"))
-    planned = {tuple(item) for item in json.loads((out / _plan_name(run_id)).read_text(encoding="utf-8"))}
-    todo = [t for t in tasks if (t.job.id, t.k) in planned]  # rank 0's todo, in the same (manifest) order
-    plan = make_plan(todo, config.model, config.batch_size, options.device)  # rank 0's plan, batch for batch
+    plan = rank_plan(out, run_id, tasks, config.model)
     journal = Checkpoint(out / journal_name(ranks.rank), wal=False)
     journal.run = run_id
     try:
@@ -318,6 +324,11 @@ def _run_rank(config: RunConfig, tasks, options: LoadOptions, adapters: AdapterS
 
 def _plan_name(run_id: int) -> str:
     return f".plan-run{run_id}.json"
+
+
+def rank_plan(out: Path, run_id: int, tasks, default_model: str) -> Plan:
+    """Rank 0's plan for run `run_id`, batch for batch, rebuilt from this rank's tasks."""
+    return from_layout(tasks, json.loads((out / _plan_name(run_id)).read_text(encoding="utf-8")), default_model)
 
 
 def rank_stats(ranks: Ranks, device: str, tallies: list[GroupTally]) -> dict:
@@ -343,7 +354,7 @@ def load_options(config: RunConfig, device: str, dtype: str) -> LoadOptions:
 
 
 def execute(plan: Plan, config: RunConfig, options: LoadOptions, adapters: AdapterStore, out: Path,
-            checkpoint: Checkpoint, stop: GracefulStop, claims: Claims) -> Execution:
+            checkpoint: Checkpoint, stop: Stop, claims: Claims) -> Execution:
     """Generate the batches this process claims, in plan order, one model at a time.
 
     Alone, a process claims every batch in turn; under a launcher, ranks claim from a shared
@@ -420,6 +431,7 @@ def _start_group(state: _Loaded, group: Group, config: RunConfig, options: LoadO
     progress.set_group(group.name)
     if family is None:
         return  # its images fail; the report's groups are the groups that ran
+    family.adapters.release_loras(family, keep={group.lora})  # earlier groups' LoRAs leave the model (issue 19)
     execution.tallies.append(state.tally)
     devices.reset_peak(options.device)
     if devices.is_cuda(options.device) or config.compile:

@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..interrupt import Stop
+
 log = logging.getLogger(__name__)
 
 
@@ -28,9 +30,14 @@ class ValidationSpec:
     device: str
 
 
-def validate(spec: ValidationSpec, out: Path, step: int, adapter: Path | None) -> Path:
-    """Run the validation manifest for one step (adapter None: the base model); returns its output folder."""
+def validate(spec: ValidationSpec, out: Path, step: int, adapter: Path | None, stop: Stop | None = None) -> Path:
+    """Run the validation manifest for one step (adapter None: the base model); returns its output folder.
+
+    A single-process run on this process's device, whatever launch the training is part of, and
+    stopped by the training's own `stop` (a Ctrl-C during validation stops the training too).
+    """
     from ..config import Defaults, RunConfig
+    from ..context import RunContext
     from ..runner import run
 
     folder = out / "validation" / f"step-{step:06d}"
@@ -45,8 +52,12 @@ def validate(spec: ValidationSpec, out: Path, step: int, adapter: Path | None) -
     manifest = folder / "validation.jsonl"
     manifest.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     result = run(RunConfig(manifest=manifest, out=folder, model=spec.model, device=spec.device, quiet=True,
-                           defaults=Defaults(width=spec.width, height=spec.height), writer_threads=1))
-    if result.exit_code != 0:
+                           defaults=Defaults(width=spec.width, height=spec.height), writer_threads=1),
+                 RunContext.single(spec.device, stop))
+    if result.interrupted:
+        log.warning("validation at step %d interrupted: %d of %d images made", step, result.counts.done,
+                    result.counts.total)
+    elif result.exit_code != 0:
         log.warning("validation at step %d: %d of %d images failed (see %s)", step, result.counts.failed,
                     result.counts.total, folder / "failed.jsonl")
     return folder
