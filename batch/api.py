@@ -96,6 +96,7 @@ def run(rows, out=None, model: str = DEFAULT_MODEL, *, launcher: bool = False, *
         manifest, labels = _store_rows(rows, out)
     config = RunConfig(manifest=manifest, out=out, model=model, defaults=defaults,
                        **{k: v for k, v in options.items() if k in _RUN_OPTIONS})
+    _set_threads(config.threads, launcher, out)
     try:
         with GracefulStop() as stop:
             context = (RunContext.launched if launcher else RunContext.single)(config.device, stop)
@@ -106,6 +107,15 @@ def run(rows, out=None, model: str = DEFAULT_MODEL, *, launcher: bool = False, *
         raise ManifestError("rows", [_by_index(error, labels) for error in e.errors]) from None
     return Result(outcome.out, outcome.exit_code, outcome.counts, outcome.generated, outcome.skipped,
                   outcome.interrupted)
+
+
+def _set_threads(requested: int | None, launcher: bool = False, out: Path | None = None) -> None:
+    """torch's CPU threads: `threads=N`, else OMP_NUM_THREADS, else the count OUT's last run used,
+    else the free share of this process's CPUs."""
+    from . import threads
+
+    previous = threads.previous_threads(out) if out is not None else None
+    threads.apply(threads.choose(requested, threads.processes_on_host() if launcher else 1, previous=previous))
 
 
 def _show_progress(on: bool) -> None:
@@ -197,7 +207,7 @@ class Generator:
     def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto", *,
                  ip_adapter: str | None = None, offload: str = "none", attention_slicing: bool = False,
                  vae_slicing: bool = False, vae_tiling: bool = False, safety_checker: bool = False,
-                 quiet: bool = False, **defaults):
+                 quiet: bool = False, threads: int | None = None, **defaults):
         from .adapters import AdapterStore
         from .generate import Conditioner
         from .models import LoadOptions, check_options, load_family, resolve_device, resolve_dtype
@@ -205,6 +215,7 @@ class Generator:
         unknown = set(defaults) - _ROW_DEFAULTS
         if unknown:
             raise TypeError(f"Generator() got unknown option(s) {sorted(unknown)}")
+        _set_threads(threads)
         device = resolve_device(device)
         self.options = LoadOptions(device=device, dtype=resolve_dtype(dtype, device), offload=offload,
                                    attention_slicing=attention_slicing, vae_slicing=vae_slicing, vae_tiling=vae_tiling,
@@ -213,8 +224,8 @@ class Generator:
         self.model, self.quiet = model, quiet
         self.defaults = Defaults(model=model, **defaults)
         self.family = load_family(model, self.options)
-        for view in self.family.views():  # diffusers' own step bar (tqdm: terminals and notebooks)
-            view.set_progress_bar_config(disable=quiet)
+        for view in self.family.views():  # one kind of progress: sdbatch's log lines, not diffusers' tqdm bars too
+            view.set_progress_bar_config(disable=True)
         self.family.adapters = self.store = AdapterStore(ip_adapter)  # each adapter read once, checked once
         self._checked: set[str] = set()
         self.conditioner = Conditioner(self.family)
@@ -243,7 +254,11 @@ class Generator:
     # --- adapters --------------------------------------------------------------------------------
 
     def load_lora(self, reference: str, scale: float = 1.0) -> None:
-        """Apply a LoRA (file, folder or hub id) to the calls that follow, until `unload`."""
+        """Apply a LoRA (file, folder or hub id) to the calls that follow, until `unload`.
+
+        The LoRA is read and checked against the model now: a missing or unsuitable one raises here.
+        """
+        self._job({"id": "load_lora", "prompt": "", "lora": str(reference), "lora_scale": scale})
         self.lora = (str(reference), float(scale))
 
     def unload(self) -> None:
@@ -275,9 +290,7 @@ class Generator:
         return str(path)
 
     def _run(self, params: dict, out) -> list:
-        from .adapters import check_adapters
         from .generate import generate_batch
-        from .manifest import ImageChecker, validate_row
         from .plan import Batch
         from .runner import pixel_salt
 
@@ -288,15 +301,7 @@ class Generator:
         if self.lora is not None:
             raw.setdefault("lora", self.lora[0])
             raw.setdefault("lora_scale", self.lora[1])
-        job, errors = validate_row(1, raw, self.defaults, 0, ImageChecker(Path.cwd()))
-        if errors:
-            raise ManifestError("arguments", [_IndexedError(e.line, e.column, e.value, e.allowed, "call") for e in errors])
-        needs = {f"lora:{job.lora}" if job.lora else None, job.image_prompt_method} - {None, "clip_embed"}
-        if needs - self._checked:  # a new adapter: read and checked against the model, as a run checks its rows
-            checked = check_adapters([job], self.options)
-            self.store.loras.update(checked.loras)
-            self.store.ip_adapters.update(checked.ip_adapters)
-            self._checked |= needs
+        job = self._job(raw)
         tasks = job.images(pixel_salt(self.options) + self.store.salt(job))
         output = generate_batch(self.family, self.conditioner, Batch(0, tuple(tasks)))
         if output.errors:
@@ -305,6 +310,23 @@ class Generator:
             self._write(out, tasks, output.images)
         self._calls += 1
         return list(output.images)
+
+    def _job(self, raw: dict):
+        """One call's arguments as a validated manifest row; a new adapter is read and checked against the model
+        now, as a run checks its rows before it starts."""
+        from .adapters import check_adapters
+        from .manifest import ImageChecker, validate_row
+
+        job, errors = validate_row(1, raw, self.defaults, 0, ImageChecker(Path.cwd(), "the current directory"))
+        if errors:
+            raise ManifestError("arguments", [_IndexedError(e.line, e.column, e.value, e.allowed, "call") for e in errors])
+        needs = {f"lora:{job.lora}" if job.lora else None, job.image_prompt_method} - {None, "clip_embed"}
+        if needs - self._checked:
+            checked = check_adapters([job], self.options)
+            self.store.loras.update(checked.loras)
+            self.store.ip_adapters.update(checked.ip_adapters)
+            self._checked |= needs
+        return job
 
     def _write(self, out, tasks, images) -> None:
         """Files and a metadata.jsonl line per image, as a run writes them."""

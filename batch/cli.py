@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -144,7 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true", help="add the sdbatch-compile variant")
     bench.add_argument("--out", type=Path, required=True, help="folder for bench.json, bench.md and the images")
     _training_parsers(commands)
+    for command in commands.choices.values():
+        command.add_argument("--threads", type=_positive_int, default=None,
+                             help="CPU threads for torch [the CPUs this process may use, less those other programs "
+                                  "keep busy, shared among a launch's processes on this host; or OMP_NUM_THREADS]")
     return parser
+
+
+COMPUTING = ("bench", "prepare-dataset", "train-lora")  # `run` sets its own, knowing its output folder
+
+
+def _set_threads(args, out: Path | None = None) -> None:
+    """Choose and set torch's thread count before anything computes (see batch/threads.py)."""
+    if out is None and (args.command == "run" or (args.command not in COMPUTING and args.threads is None)):
+        return
+    from . import threads
+
+    previous = threads.previous_threads(out) if out is not None else None
+    threads.apply(threads.choose(args.threads, threads.processes_on_host(), previous=previous))
 
 
 PREPARE_EXAMPLES = """\
@@ -273,8 +291,10 @@ def _single_job_manifest(args) -> Path:
     """`--prompt ...` without a manifest: write the one-row manifest into the output folder."""
     import hashlib
 
+    # Every parameter on the row itself, so failed.jsonl (and a rerun of this manifest) is the same job.
     row: dict = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "num_images": args.num,
-                 "seed": args.seed, "image_prompt_method": args.image_prompt_method}
+                 "seed": args.seed, "image_prompt_method": args.image_prompt_method, "steps": args.steps,
+                 "cfg": args.cfg, "width": args.width, "height": args.height, "scheduler": args.scheduler}
     if args.init_image:
         row.update(init_image=str(args.init_image.resolve()), strength=args.strength)
     elif args.strength is not None:
@@ -311,6 +331,7 @@ def cmd_run(args) -> int:
         fresh=args.fresh, limit=args.limit, quiet=args.quiet, compile=args.compile, defaults=_defaults(args),
         offload=args.offload, attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
         vae_tiling=args.vae_tiling, safety_checker=args.safety_checker, ip_adapter=args.ip_adapter)
+    _set_threads(args, config.out)
     with GracefulStop() as stop:  # this process's place in a torchrun / accelerate launch, if any
         result = run(config, RunContext.launched(config.device, stop))
     c = result.counts
@@ -491,7 +512,13 @@ def cmd_compare(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(run_cli(argv))
+    try:
+        code = run_cli(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `sdbatch compare ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's own flush at exit would fail too
+        code = 141  # 128 + SIGPIPE, as a shell tool killed by it
+    sys.exit(code)
 
 
 def run_cli(argv: list[str] | None = None) -> int:
@@ -512,6 +539,7 @@ def run_cli(argv: list[str] | None = None) -> int:
                "compare": cmd_compare, "bench": cmd_bench, "prepare-dataset": cmd_prepare_dataset,
                "train-lora": cmd_train_lora}[args.command]
     try:
+        _set_threads(args)
         return handler(args)
     except BatchError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -51,4 +51,5 @@ class RunConfig:
     safety_checker: bool = False  # off by default, as for a batch tool; on where the model ships one
     ip_adapter: str | None = None  # None: tiny's own for --model tiny, else h94/IP-Adapter's SD 1.5 adapter
     writer_threads: int = 2  # PNG encoding releases the GIL in zlib; two keep up with a GPU
+    threads: int | None = None  # torch's CPU threads, set by the entry point (batch/threads.py); None: chosen there
     defaults: Defaults = field(default_factory=Defaults)

@@ -305,10 +305,14 @@ class _Row:
 
 
 class ImageChecker:
-    """Resolves image paths against the manifest folder; each distinct file is opened once."""
+    """Resolves image paths against the manifest folder; each distinct file is opened once.
 
-    def __init__(self, folder: Path):
+    `where` names that folder in messages (the Python API resolves against the current directory).
+    """
+
+    def __init__(self, folder: Path, where: str = "the manifest's folder"):
         self.folder = folder
+        self.where = where
         self.seen: dict[Path, tuple[str | None, str | None]] = {}
 
     def check(self, row: _Row, column: str) -> tuple[str | None, str | None]:
@@ -352,8 +356,8 @@ class ImageChecker:
 _LOOKS_LOCAL = re.compile(r"^(\.|~|/|[A-Za-z]:\\)|\.(safetensors|ckpt|pt|bin)$")
 
 
-def _reference(row: _Row, column: str, folder: Path) -> str | None:
-    """A model or LoRA reference: an existing path (relative to the manifest's folder) or a hub id."""
+def _reference(row: _Row, column: str, folder: Path, where: str = "the manifest's folder") -> str | None:
+    """A model or LoRA reference: an existing path (relative to `folder`, described as `where`) or a hub id."""
     value = row.text(column)
     if value is None or not value.strip():
         return None
@@ -363,11 +367,11 @@ def _reference(row: _Row, column: str, folder: Path) -> str | None:
     if _exists(candidate):
         return _normalise(candidate.resolve())
     if _LOOKS_LOCAL.search(value):
-        row.error(column, value, f"not found: {candidate} (relative paths resolve against the manifest's folder)")
+        row.error(column, value, f"not found: {candidate} (relative paths resolve against {where})")
         return None
     if (column == "model" and value in PRESETS) or HUB_ID.fullmatch(value):
         return value  # resolved (and, offline, looked up in the cache) when the model loads
-    row.error(column, value, "neither an existing path (relative to the manifest's folder) nor a hub id like 'org/name'")
+    row.error(column, value, f"neither an existing path (relative to {where}) nor a hub id like 'org/name'")
     return None
 
 
@@ -463,10 +467,10 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
     if strength is not None and int(steps * strength) < 1:  # diffusers runs int(steps * strength) steps
         row.error("strength", strength, f"strength x steps must give at least one step (steps is {steps})")
 
-    model = _reference(row, "model", images.folder) or defaults.model
-    lora = _reference(row, "lora", images.folder)
+    model = _reference(row, "model", images.folder, images.where) or defaults.model
+    lora = _reference(row, "lora", images.folder, images.where)
     lora_scale = row.number("lora_scale", float, -10.0, 10.0, 1.0 if lora else None)
-    if lora is None and raw.get("lora_scale") not in (None, ""):
+    if lora is None and not row.text("lora") and raw.get("lora_scale") not in (None, ""):  # a bad lora: said once
         row.error("lora_scale", raw["lora_scale"], "lora_scale needs a lora on the same row")
 
     extra = tuple((k, v) for k, v in raw.items() if k not in COLUMNS and k not in ANNOTATIONS)

@@ -233,6 +233,7 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
         log.info("took %d image(s) from the journals of an earlier multi-process run", absorbed)
     settings = run_settings(config, options.device, options.dtype, manifest)
     settings["processes"] = ranks.world_size
+    log.info("%s, %d CPU thread(s), %d process(es)", options.device, settings["threads"], ranks.world_size)
     checkpoint.start_run({**settings, "resume_fingerprint": None})
     write_text_atomic(out / "run.json", json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
     # Listed before the lock was taken; temp files removed since never match an image name.
@@ -607,7 +608,7 @@ def run_settings(config: RunConfig, device: str, dtype: str, manifest: Manifest)
         "gpu_total_bytes": devices.total_bytes(device), "dtype": dtype,
         "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
         "sdbatch": __version__, "python": platform.python_version(),
-        "batch_size": config.batch_size or "auto", "compile": config.compile,
+        "batch_size": config.batch_size or "auto", "compile": config.compile, "threads": torch.get_num_threads(),
         "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "manifest": str(manifest.path), "manifest_sha256": manifest.sha256,
         "seed": config.seed, "format": config.format, "limit": config.limit,

@@ -10,6 +10,9 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread count for the whole suite (it can move a pixel by 1/255): sdbatch's default would follow the
+# machine's load, and tests compare pixels across runs. tests/test_threads.py tests the default itself.
+os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

@@ -1,0 +1,66 @@
+"""What a new user tripped over in the first hour (issue 21.6): each as the user met it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import FAST, REPO, cli, write_jsonl
+
+import batch
+from batch.errors import ManifestError
+
+
+def test_a_command_piped_into_head_exits_quietly(tmp_path):
+    """`sdbatch compare ... --format json | head`: the reader is gone before sdbatch writes."""
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "a", "prompt": "a red circle", "seed": 1}])
+    assert cli(manifest, *FAST, "--out", tmp_path / "out", "--quiet") == 0
+    proc = subprocess.Popen([sys.executable, "-m", "batch.cli", "compare", str(tmp_path / "out"),
+                             str(tmp_path / "out"), "--format", "json"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # as `head` does once it has its lines
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 141
+
+
+def test_status_of_a_folder_that_is_not_an_output_is_exit_2_as_the_readme_says(tmp_path, capsys):
+    assert cli("status", tmp_path) == 2
+    assert "is this an sdbatch output folder?" in capsys.readouterr().err
+    assert "2 when OUT is not an sdbatch output folder" in (REPO / "README.md").read_text()
+
+
+def test_generator_load_lora_fails_at_once_with_one_message(tmp_path):
+    with batch.Generator("tiny", device="cpu", steps=2, width=32, height=32, quiet=True) as gen:
+        with pytest.raises(ManifestError) as caught:
+            gen.load_lora("missing.safetensors")
+        text = str(caught.value)
+        assert "missing.safetensors" in text and "the current directory" in text
+        assert "manifest" not in text and "lora_scale" not in text, text
+        assert gen.lora is None
+        assert len(gen.generate("a red circle", seed=1)) == 1  # the Generator is still usable
+
+
+def test_generator_shows_no_diffusers_bars(capfd):
+    with batch.Generator("tiny", device="cpu", steps=3, width=32, height=32) as gen:
+        gen.generate("a red circle", seed=1)
+    err = capfd.readouterr().err
+    assert "it/s" not in err and "%|" not in err, err
+
+
+def test_a_prompt_runs_failed_rows_keep_every_parameter(tmp_path, monkeypatch):
+    """Rerunning failed.jsonl must make the same job, not one with the run's defaults."""
+    from batch import runner
+    from batch.errors import ModelError
+
+    def refuse(model, options):
+        raise ModelError("no model in this test")
+
+    monkeypatch.setattr(runner, "load_family", refuse)
+    out = tmp_path / "single"
+    code = cli("--prompt", "a red circle", "--model", "tiny", "--device", "cpu", "--steps", "7", "--cfg", "3.5",
+               "--width", "96", "--height", "64", "--scheduler", "euler", "--out", out, "--quiet")
+    assert code == 1
+    row = json.loads((out / "failed.jsonl").read_text().splitlines()[0])
+    assert (row["steps"], row["cfg"], row["width"], row["height"], row["scheduler"]) == (7, 3.5, 96, 64, "euler")
