@@ -64,3 +64,18 @@ def test_a_prompt_runs_failed_rows_keep_every_parameter(tmp_path, monkeypatch):
     assert code == 1
     row = json.loads((out / "failed.jsonl").read_text().splitlines()[0])
     assert (row["steps"], row["cfg"], row["width"], row["height"], row["scheduler"]) == (7, 3.5, 96, 64, "euler")
+
+
+def test_the_demos_img2img_tiles_show_what_their_ids_say(tmp_path):
+    """`make demo`'s first impression: the 0.8 tile follows its prompt, the 0.3 tile keeps its init."""
+    from judge import judge
+    from PIL import Image
+
+    rows = [json.loads(line) for line in (REPO / "manifests" / "demo.jsonl").read_text().splitlines()]
+    wanted = {"triangle-turns-square": ("yellow", "square"), "square-kept": ("blue", "square")}
+    rows = [dict(row, init_image=str(REPO / "manifests" / row["init_image"])) for row in rows if row["id"] in wanted]
+    manifest = write_jsonl(tmp_path / "demo.jsonl", rows)
+    assert cli(manifest, "--model", "tiny", "--device", "cpu", "--out", tmp_path / "out", "--quiet") == 0
+    for image_id, (colour, shape) in wanted.items():
+        verdict = judge(Image.open(tmp_path / "out" / "images" / f"{image_id}.png"))
+        assert (verdict.colour, verdict.shape) == (colour, shape), f"{image_id} shows {verdict}"

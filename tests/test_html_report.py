@@ -55,7 +55,7 @@ def test_demo_report_html_is_self_contained(demo_out):
     text, html = page(demo_out)
     assert len(html.thumbnails) == len(html.all("img")) == 7
     assert {a["alt"] for a in html.thumbnails} == {"red-circle-0", "red-circle-1", "blue-square", "green-triangle",
-                                                    "square-turns-yellow", "square-kept", "like-the-triangle"}
+                                                    "triangle-turns-square", "square-kept", "like-the-triangle"}
     assert "http://" not in text and "https://" not in text  # nothing to fetch: works offline, mailed, archived
     assert not html.all("script") and not html.all("link")
     assert {"summary", "charts", "images"} <= html.section_ids and "failures" not in html.section_ids
