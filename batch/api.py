@@ -25,7 +25,7 @@ from .job import FILE_COLUMNS
 __all__ = ["Generator", "Result", "run"]
 
 _ROW_DEFAULTS = {f.name for f in fields(Defaults)} - {"model"}  # steps, cfg, width, ...: run-level defaults
-_RUN_OPTIONS = {f.name for f in fields(RunConfig)} - {"manifest", "out", "model", "defaults"}
+_RUN_OPTIONS = {f.name for f in fields(RunConfig)} - {"manifest", "out", "model", "defaults", "adds_to_folder"}
 
 
 @dataclass(frozen=True)

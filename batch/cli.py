@@ -330,7 +330,8 @@ def cmd_run(args) -> int:
         skip_invalid=args.skip_invalid, retry_failed=args.retry_failed, max_attempts=args.max_attempts,
         fresh=args.fresh, limit=args.limit, quiet=args.quiet, compile=args.compile, defaults=_defaults(args),
         offload=args.offload, attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
-        vae_tiling=args.vae_tiling, safety_checker=args.safety_checker, ip_adapter=args.ip_adapter)
+        vae_tiling=args.vae_tiling, safety_checker=args.safety_checker, ip_adapter=args.ip_adapter,
+        threads=args.threads, adds_to_folder=single)
     _set_threads(args, config.out)
     with GracefulStop() as stop:  # this process's place in a torchrun / accelerate launch, if any
         result = run(config, RunContext.launched(config.device, stop))

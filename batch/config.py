@@ -41,6 +41,9 @@ class RunConfig:
     max_attempts: int = 3  # --retry-failed skips images that failed this many times
     fresh: bool = False
     limit: int | None = None  # first N jobs (rows) only
+    # The manifest adds to what OUT holds (a `--prompt` run into outputs/single): the images of earlier
+    # runs stay in the checkpoint, metadata.jsonl and the report instead of being forgotten.
+    adds_to_folder: bool = False
     quiet: bool = False
     compile: bool = False
     # Small GPUs: see README "Memory". offload: none | model | sequential.

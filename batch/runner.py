@@ -238,7 +238,7 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
     write_text_atomic(out / "run.json", json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
     # Listed before the lock was taken; temp files removed since never match an image name.
     synced = checkpoint.sync(tasks, resume["existing"], config.retry_failed, config.fresh, config.max_attempts, config.format,
-                             complete=not config.limit and not resume["finished_rows"])
+                             complete=not (config.limit or resume["finished_rows"] or config.adds_to_folder))
     synced = dataclasses.replace(synced, skipped=synced.skipped + resume["finished_images"])
     adopted = [] if config.fresh else adopt_written(synced.todo, images_dir, resume["existing"], config.model, config.format)
     if adopted:

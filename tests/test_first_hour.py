@@ -79,3 +79,15 @@ def test_the_demos_img2img_tiles_show_what_their_ids_say(tmp_path):
     for image_id, (colour, shape) in wanted.items():
         verdict = judge(Image.open(tmp_path / "out" / "images" / f"{image_id}.png"))
         assert (verdict.colour, verdict.shape) == (colour, shape), f"{image_id} shows {verdict}"
+
+
+def test_repeated_prompt_runs_into_one_folder_keep_every_image(tmp_path, capsys):
+    out = tmp_path / "single"
+    for prompt in ("a red circle", "a blue square", "a red circle"):  # the third is the first again: skipped
+        assert cli("--prompt", prompt, *FAST, "--out", out, "--quiet") == 0
+    capsys.readouterr()
+    assert cli("status", out, "--json") == 0
+    assert json.loads(capsys.readouterr().out) == {"total": 2, "done": 2, "failed": 0, "pending": 0}
+    lines = (out / "images" / "metadata.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["prompt"] for line in lines) == ["a blue square", "a red circle"]
+    assert json.loads((out / "report.json").read_text())["totals"]["done"] == 2
