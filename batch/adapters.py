@@ -10,8 +10,11 @@ input error (exit 2) rather than a failure of every row hours into a night:
   `clip_embed` rows need are there (in the Hugging Face cache when HF_HUB_OFFLINE is set);
 - `--attention-slicing` is not asked to serve `ip_adapter` rows.
 
-What is read stays in the `AdapterStore`, so the pipelines load from memory, and each
-adapter's content digest goes into the image keys: a new file at the same path is a new image.
+Each adapter's content digest goes into the image keys: a new file at the same path is a new
+image. A run of many LoRAs holds about one at a time (issue 19): the `AdapterStore` keeps their
+digests, a state dict only from its read to its load (at most HELD_LORAS wait so), and a LoRA's
+adapter leaves the model when a group needing another starts. A LoRA needed again is read again,
+and must still have the content its image keys carry.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from .models import (CLIP_VISION, SD15_CONFIGS, SD15_IP_ADAPTER, TINY_IP_ADAPTER
                      resolve_model, single_file_config)
 
 log = logging.getLogger(__name__)
+HELD_LORAS = 1  # LoRA state dicts waiting from check to load: each more saves a re-read and costs a LoRA's size
 
 
 @dataclass(frozen=True)
@@ -51,16 +55,52 @@ class IpAdapterWeights:
 
 @dataclass
 class AdapterStore:
-    """The run's adapters, each read once; filled by `check_adapters`, read again by nobody."""
+    """The run's adapters: LoRA digests for the whole run, LoRA state dicts only until loaded."""
 
     ip_adapter_override: str | None = None  # --ip-adapter
-    loras: dict[str, LoraWeights] = field(default_factory=dict)
+    loras: dict[str, LoraWeights] = field(default_factory=dict)  # read, not yet loaded: at most HELD_LORAS
+    digests: dict[str, str] = field(default_factory=dict)  # LoRA reference -> content digest, as first read
     ip_adapters: dict[str, IpAdapterWeights] = field(default_factory=dict)  # by model
 
     def lora(self, reference: str) -> LoraWeights:
-        if reference not in self.loras:
-            self.loras[reference] = read_lora(reference)
-        return self.loras[reference]
+        """The LoRA's weights to load into a model, handed over: the store keeps only their digest."""
+        return self.loras.pop(reference, None) or self._read_lora(reference, hold=False)
+
+    def lora_digest(self, reference: str) -> str:
+        if reference not in self.digests:
+            self.digests[reference] = (self.loras.get(reference) or self._read_lora(reference, hold=True)).digest
+        return self.digests[reference]
+
+    def _read_lora(self, reference: str, hold: bool) -> LoraWeights:
+        """Read the file, its content checked against the first read; `hold`: keep the weights for
+        their load if fewer than HELD_LORAS wait (a one-LoRA run reads its file once)."""
+        weights = read_lora(reference)
+        first = self.digests.setdefault(reference, weights.digest)
+        if weights.digest != first:
+            raise ModelError(f"LoRA '{reference}' changed since this run read it (digest {first}, now "
+                             f"{weights.digest}): its images' keys name the first content; run again to make "
+                             "them with the new one")
+        if hold and len(self.loras) < HELD_LORAS:
+            self.loras[reference] = weights
+        return weights
+
+    def release_loras(self, family, keep=()) -> list[str]:
+        """Delete from the family's model every LoRA not in `keep` (diffusers' `delete_adapters`).
+
+        Called as a group starts, with the group's LoRA: adapters do not pile up over a run of many
+        LoRAs, and one needed again later is read again and loaded again. Returns the references deleted.
+        """
+        dropped = [reference for reference in family.loras if reference not in keep]
+        if not dropped:
+            return []
+        pipe = family.txt2img
+        pipe.delete_adapters([family.loras.pop(reference) for reference in dropped])
+        if family.active_lora and family.active_lora[0] in dropped:
+            if family.loras:  # peft has made another loaded adapter active: back to none, as use_lora(None) leaves it
+                pipe.disable_lora()
+            family.active_lora = None
+        log.debug("LoRA adapters deleted from %s: %s", family.model, ", ".join(dropped))
+        return dropped
 
     def ip_adapter(self, model: str) -> IpAdapterWeights:
         if model not in self.ip_adapters:
@@ -71,7 +111,7 @@ class AdapterStore:
         """What the job's adapters add to its image keys: their content, not their path."""
         salt = ""
         if job.lora:
-            salt += f"|lora={self.lora(job.lora).digest}"
+            salt += f"|lora={self.lora_digest(job.lora)}"
         if job.image_prompt_method == "ip_adapter":
             salt += f"|ip_adapter={self.ip_adapter(job.model).digest}"
         return salt
@@ -81,10 +121,11 @@ def check_adapters(jobs, options: LoadOptions) -> AdapterStore:
     """Read and check every adapter and image encoder the jobs need; all problems in one BatchError."""
     store = AdapterStore(options.ip_adapter)
     problems: list[str] = []
-    uses: dict[tuple[str, str], list[str]] = {}  # (what, model) -> ids of the rows that need it
+    uses: dict[tuple[str, str], list[str]] = {}  # (method, model) -> ids of the rows that need it
+    loras: dict[str, dict[str, list[str]]] = {}  # reference -> model -> ids of the rows that need it
     for job in jobs:
         if job.lora:
-            uses.setdefault(("lora:" + job.lora, job.model), []).append(job.id)
+            loras.setdefault(job.lora, {}).setdefault(job.model, []).append(job.id)
         if job.image_prompt_method:
             uses.setdefault((job.image_prompt_method, job.model), []).append(job.id)
     ip_rows = [ids for (what, _), ids in uses.items() if what == "ip_adapter"]
@@ -92,11 +133,20 @@ def check_adapters(jobs, options: LoadOptions) -> AdapterStore:
         problems.append(f"--attention-slicing cannot serve ip_adapter rows ({_rows(sum(ip_rows, []))}): sliced "
                         "attention replaces the IP-Adapter's attention processors; drop --attention-slicing "
                         "(PyTorch's scaled-dot-product attention is already memory-efficient)")
+    for reference, models in loras.items():  # each read once (the first held for its load), fitted to its models
+        try:
+            weights = store._read_lora(reference, hold=True)
+        except ModelError as e:
+            problems.append(f"{e} (needed by {_rows(sum(models.values(), []))})")
+            continue
+        for model, ids in models.items():
+            try:
+                _check_lora_fits(weights, model)
+            except ModelError as e:
+                problems.append(f"{e} (needed by {_rows(ids)})")
     for (what, model), ids in uses.items():
         try:
-            if what.startswith("lora:"):
-                _check_lora_fits(store.lora(what[5:]), model)
-            elif what == "ip_adapter":
+            if what == "ip_adapter":
                 weights = store.ip_adapter(model)
                 if _has_image_encoder(model) is False:
                     _check_cached(weights.repo, f"{weights.subfolder}/image_encoder".lstrip("/"),

@@ -258,7 +258,7 @@ class Generator:
 
         The LoRA is read and checked against the model now: a missing or unsuitable one raises here.
         """
-        self._job({"id": "load_lora", "prompt": "", "lora": str(reference), "lora_scale": scale})
+        self._job({"id": "load_lora", "prompt": "load_lora", "lora": str(reference), "lora_scale": scale})
         self.lora = (str(reference), float(scale))
 
     def unload(self) -> None:

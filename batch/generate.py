@@ -71,7 +71,8 @@ class Conditioner:
 
     def __init__(self, family: PipelineFamily, cache_size: int = 2048):
         self.family = family
-        self.text_cache = _LRU(cache_size)  # cleared when the LoRA changes: it may touch the text encoder
+        self.text_cache = _LRU(cache_size)  # of one LoRA state (it may touch the text encoder)
+        self.text_lora = None  # the family's `active_lora` the text cache was encoded under
         self.image_cache = _LRU(cache_size)
         self.ip_cache = _LRU(cache_size)
 
@@ -172,8 +173,10 @@ def generate_batch(family: PipelineFamily, conditioner: Conditioner, batch: Batc
     tasks = batch.tasks
     pipe = family.view(job.mode)
     family.use_scheduler(job.scheduler)
-    if family.use_lora(job.lora, job.lora_scale):
+    family.use_lora(job.lora, job.lora_scale)
+    if conditioner.text_lora != family.active_lora:  # switched now, or deleted after the last group
         conditioner.text_cache.clear()
+        conditioner.text_lora = family.active_lora
     ip_adapter = job.image_prompt_method == "ip_adapter"
     family.use_ip_adapter(ip_adapter, job.ip_scale)
     guidance = job.cfg > 1.0  # diffusers' rule: no unconditional pass at cfg <= 1
