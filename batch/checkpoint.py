@@ -10,15 +10,34 @@ file; rollback journal, not WAL, so a network filesystem is safe). Readers (`sta
 `report`, a resume with any number of processes) see `checkpoint.sqlite` with every journal
 laid over it (`Checkpoint.merged`); the next run that writes absorbs the journals into
 `checkpoint.sqlite` and removes them.
+
+Two records of one image (id, k) are decided by precedence, never by a clock (the ranks' hosts may
+disagree by hours): a `done` record is never replaced by a `failed` or `pending` one (its key is the
+image's current key, so its file is a valid result; `sync` remakes it if the file is gone); otherwise
+the later run wins (runs are rank 0's numbers, which every rank's journal carries); within one run
+`done` beats `failed` beats `pending`. Only records with the key registered here count: another key
+means the row's parameters have changed since, and the record is obsolete.
+
+A journal is removed only once every row in it is decided. A rank holds its journal's `JournalLock`
+while the file is open (`Checkpoint` takes it for a journal), so a run never absorbs and removes the
+journal of a rank that is still alive, even one left running by an earlier launch.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
+import os
 import sqlite3
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: journals go unlocked there (a launcher's ranks run on Linux)
+    fcntl = None
 
 from .errors import OutputError
 from .job import ImageTask
@@ -26,6 +45,7 @@ from .job import ImageTask
 log = logging.getLogger(__name__)
 FILE_NAME = "checkpoint.sqlite"
 JOURNAL_GLOB = "journal-rank*.sqlite"
+JOURNAL_BUSY_S = 10.0  # how long to wait for a journal's lock or write lock (a rank's commit takes milliseconds)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
     id TEXT NOT NULL,
@@ -82,6 +102,86 @@ def journal_name(rank: int) -> str:
     return f"journal-rank{rank}.sqlite"
 
 
+class JournalLock:
+    """An exclusive advisory lock (flock) on `<journal>.lock`, held by whoever writes or absorbs that journal.
+
+    The kernel drops it when its process dies, however it dies. The holder removes the lock file
+    before letting go, and `acquire` makes sure the file it locked is still the one at that path,
+    so no lock files are left behind and no two processes hold the lock. A sidecar file, not the
+    journal itself: on NFS flock becomes a POSIX lock, which SQLite's own locks on the journal would
+    meet. Without fcntl, or on a filesystem that refuses flock, nothing is locked: journals are then
+    absorbed as they stand, and only SQLite's own lock keeps a commit under way from being lost.
+    """
+
+    def __init__(self, journal: Path):
+        self.path = Path(f"{journal}.lock")
+        self._fd: int | None = None
+
+    def acquire(self, wait: float = 0.0) -> bool:
+        """Take the lock, trying for up to `wait` seconds; False if another process holds it."""
+        if fcntl is None:
+            return True
+        deadline = time.monotonic() + wait
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.05)
+                continue
+            except OSError as e:  # ENOLCK and the like: this filesystem has no flock
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                log.warning("cannot lock %s (%s): going on without the lock", self.path, e)
+                return True
+            try:
+                current = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                current = False
+            if current:
+                self._fd = fd
+                return True
+            os.close(fd)  # the last holder removed this file after we opened it: lock the new one
+
+    def release(self) -> None:
+        """Remove the lock file, then let go (in that order: see the class)."""
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _precedence(status: str, run: str) -> str:
+    """SQL ordering two records of one image: see the module docstring. Never a clock."""
+    return (f"({status} = 'done', COALESCE({run}, 0), "
+            f"CASE {status} WHEN 'done' THEN 2 WHEN 'failed' THEN 1 ELSE 0 END)")
+
+
+_JOURNAL_COLUMNS = ("id", "k", "key", "status", "error", "file", "meta", "run", "group_name", "batch", "seconds",
+                    "updated_at")
+# A journal's record replaces this checkpoint's only where it outranks it; a tie keeps what is here.
+_ABSORB = f"""UPDATE images SET status = :status, error = :error, file = :file, meta = :meta, run = :run,
+    group_name = :group_name, batch = :batch, seconds = :seconds, updated_at = :updated_at, attempts = attempts + 1
+    WHERE id = :id AND k = :k AND key = :key AND {_precedence(':status', ':run')} > {_precedence('status', 'run')}"""
+
+
+def _read_journal(source: sqlite3.Connection) -> tuple[list[dict], list, list]:
+    """A journal's outcomes, group figures and rank figures."""
+    rows = source.execute(f"SELECT {', '.join(_JOURNAL_COLUMNS)} FROM images "
+                          "WHERE status IN ('done', 'failed')").fetchall()
+    groups = source.execute("SELECT run, idx, stats FROM groups").fetchall()
+    ranks = source.execute("SELECT run, rank, stats FROM ranks").fetchall()
+    return [dict(zip(_JOURNAL_COLUMNS, row)) for row in rows], groups, ranks
+
+
+def _kept(journal: Path, error: Exception) -> None:
+    log.warning("cannot absorb %s yet (%s): kept for a later run", journal, error)
+
+
 _FILE_COLUMNS = ('"init_image"', '"prompt_image"', '"lora"')
 
 
@@ -124,12 +224,25 @@ class Outcome:
 
 class Checkpoint:
     def __init__(self, path: Path, readonly: bool = False, wal: bool = True):
+        """Open (or create) a checkpoint; a rank's journal (`journal_name`) is held under its
+        `JournalLock` until `close`, and OutputError says so if another live process holds it."""
         self.path = Path(path)
+        self.run: int | None = None
+        self.lock: JournalLock | None = None
         if readonly:
             if not self.path.exists():
                 raise OutputError(f"no checkpoint at {self.path}: is this an sdbatch output folder?")
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30)
-        else:
+            if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'images'").fetchone():
+                self.db.close()  # the writer has created the file, not yet its tables
+                raise OutputError(f"{self.path} is being created by a run that is starting: try again in a moment")
+            return
+        if fnmatch.fnmatch(self.path.name, JOURNAL_GLOB):
+            self.lock = JournalLock(self.path)
+            if not self.lock.acquire(wait=JOURNAL_BUSY_S):
+                raise OutputError(f"{self.path} is being written by another process (a rank of an earlier launch "
+                                  "still running?): stop that process or let it finish, then run again")
+        try:
             self.db = sqlite3.connect(self.path, timeout=30)
             # WAL lets `status` read beside a single writer on a local disk; under a launcher every
             # file may sit on NFS, where WAL's shared memory is unsafe: rollback journal there.
@@ -138,7 +251,10 @@ class Checkpoint:
             # killed process (NORMAL's promise). One fsync per batch: nothing beside a UNet call.
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
-        self.run: int | None = None
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
 
     @classmethod
     def merged(cls, out: Path) -> Checkpoint:
@@ -149,7 +265,7 @@ class Checkpoint:
         if not journals:  # a single-process folder: read the file itself (a million rows need no copy)
             return main
         view = cls.__new__(cls)
-        view.path, view.run = main.path, None
+        view.path, view.run, view.lock = main.path, None, None
         view.db = sqlite3.connect(":memory:")
         main.db.backup(view.db)
         main.close()
@@ -158,34 +274,67 @@ class Checkpoint:
             view.absorb(journal)
         return view
 
-    def absorb(self, journal: Path, writable: bool = False) -> int | None:
-        """Lay a rank's journal over this checkpoint; returns how many images it brought.
+    def absorb(self, journal: Path) -> int | None:
+        """Lay a rank's journal over this checkpoint; returns how many images it changed, None if unreadable.
 
-        An outcome counts where the image is registered here with the same key (the same
-        parameters) and the journal's word is newer; absorbing the same journal twice changes nothing.
+        Each record counts where this image is registered here with the same key and the record
+        outranks this checkpoint's (see the module docstring); absorbing the same journal twice
+        changes nothing. A journal being written is read as it stands (`status` during a run).
         """
         try:
-            # The writer opens it read-write: a rank killed mid-commit leaves a hot rollback journal
-            # that only a writable connection rolls back (readers skip such a file until then).
-            source = sqlite3.connect(f"file:{journal}?mode={'rw' if writable else 'ro'}", uri=True, timeout=30)
-            rows = source.execute("SELECT id, k, key, status, error, file, meta, run, group_name, batch, seconds, "
-                                  "updated_at FROM images WHERE status IN ('done', 'failed')").fetchall()
-            groups = source.execute("SELECT run, idx, stats FROM groups").fetchall()
-            ranks = source.execute("SELECT run, rank, stats FROM ranks").fetchall()
-            source.close()
+            with closing(sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=30)) as source:
+                found = _read_journal(source)
         except sqlite3.Error as e:  # being created by its rank, locked, or damaged: kept for a later run
-            log.warning("cannot read %s yet (%s): kept for a later run", journal, e)
+            _kept(journal, e)
             return None
+        return self._lay_over(*found)
+
+    def absorb_journals(self, out: Path) -> int:
+        """Absorb every rank journal in OUT for good and remove it (the writer of checkpoint.sqlite only).
+
+        A journal is removed only once every row in it is decided here. Kept for a later run: one
+        whose rank is alive (it holds the journal's lock), one that cannot be read, and one that a
+        writer without the lock is committing to.
+        """
         brought = 0
+        for journal in sorted(Path(out).glob(JOURNAL_GLOB)):
+            lock = JournalLock(journal)
+            if not lock.acquire():
+                log.warning("%s is still being written by its rank: kept for a later run", journal)
+                continue
+            try:
+                brought += self._absorb_and_remove(journal) or 0
+            finally:
+                lock.release()
+        return brought
+
+    def _absorb_and_remove(self, journal: Path) -> int | None:
+        """`absorb`, then remove the journal, holding its SQLite write lock from reading to removing."""
+        try:
+            # Read-write: a rank killed mid-commit leaves a hot rollback journal that only a writable
+            # connection rolls back (readers skip such a file until then).
+            source = sqlite3.connect(f"file:{journal}?mode=rw", uri=True, timeout=JOURNAL_BUSY_S, isolation_level=None)
+        except sqlite3.Error as e:
+            _kept(journal, e)
+            return None
+        with closing(source):
+            try:
+                # Nothing can be committed to the journal between reading it and removing it; a commit
+                # under way (a writer without the lock) keeps the file for a later run.
+                source.execute("BEGIN IMMEDIATE")
+                found = _read_journal(source)
+            except sqlite3.Error as e:
+                _kept(journal, e)
+                return None
+            brought = self._lay_over(*found)
+            journal.unlink()
+        for extra in ("-journal", "-wal", "-shm"):
+            Path(f"{journal}{extra}").unlink(missing_ok=True)
+        return brought
+
+    def _lay_over(self, rows: list[dict], groups: list, ranks: list) -> int:
         with self.db:
-            for i, k, key, status, error, file, meta, run, group, batch, seconds, updated in rows:
-                cursor = self.db.execute(
-                    """UPDATE images SET status = ?, error = ?, file = ?, meta = ?, run = ?, group_name = ?, batch = ?,
-                       seconds = ?, updated_at = ?, attempts = attempts + 1
-                       WHERE id = ? AND k = ? AND key = ? AND COALESCE(updated_at, 0) < ?
-                         AND NOT (status = 'done' AND ? = 'failed')""",
-                    (status, error, file, meta, run, group, batch, seconds, updated, i, k, key, updated, status))
-                brought += cursor.rowcount
+            brought = self.db.executemany(_ABSORB, rows).rowcount
             base = self.db.execute("SELECT COALESCE(MAX(idx), -1) + 1 FROM groups").fetchone()[0]
             known = {(r, s) for r, s in self.db.execute("SELECT run, stats FROM groups")}
             fresh = [g for g in groups if (g[0], g[2]) not in known]
@@ -194,21 +343,10 @@ class Checkpoint:
             self.db.executemany("INSERT OR REPLACE INTO ranks (run, rank, stats) VALUES (?, ?, ?)", ranks)
         return brought
 
-    def absorb_journals(self, out: Path) -> int:
-        """Absorb every rank journal in OUT for good and remove it (the writer of checkpoint.sqlite only)."""
-        brought = 0
-        for journal in sorted(Path(out).glob(JOURNAL_GLOB)):
-            count = self.absorb(journal, writable=True)
-            if count is None:
-                continue  # never delete what could not be read
-            brought += count
-            journal.unlink()
-            for extra in ("-journal", "-wal", "-shm"):
-                Path(f"{journal}{extra}").unlink(missing_ok=True)
-        return brought
-
     def close(self) -> None:
         self.db.close()
+        if self.lock is not None:
+            self.lock.release()
 
     # --- start of a run -------------------------------------------------------------
 
@@ -373,6 +511,11 @@ class Checkpoint:
         if row is None:
             return None
         return row[0], json.loads(row[1]), json.loads(row[2]) if row[2] else None
+
+    def runs(self) -> list[tuple[int, dict, dict | None]]:
+        """Every run of this folder, oldest first: (run, settings, totals; None while running or if killed)."""
+        return [(run, json.loads(settings), json.loads(totals) if totals else None)
+                for run, settings, totals in self.db.execute("SELECT run, settings, totals FROM runs ORDER BY run")]
 
     def group_stats(self, run: int) -> list[dict]:
         """The run's groups; a group several ranks served is one entry (their figures combined)."""

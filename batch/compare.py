@@ -60,6 +60,10 @@ class Comparison:
     max_regression: float
     old_run: dict
     new_run: dict
+    # (the run number a report's figures are from, the folder's latest run): a rerun that made nothing
+    # leaves its report on the last run that made images, and the comparison says so
+    old_shown: tuple = (None, None)
+    new_shown: tuple = (None, None)
     matched: list[GroupComparison] = field(default_factory=list)
     added: list[dict] = field(default_factory=list)  # in NEW only
     missing: list[dict] = field(default_factory=list)  # in OLD only
@@ -114,7 +118,9 @@ def group_name(group: dict) -> str:
 
 def compare(old: dict, new: dict, max_regression: float = DEFAULT_MAX_REGRESSION) -> Comparison:
     """Match the groups of two reports and flag those beyond `max_regression` percent."""
-    result = Comparison(max_regression=max_regression, old_run=old.get("run") or {}, new_run=new.get("run") or {})
+    result = Comparison(max_regression=max_regression, old_run=old.get("run") or {}, new_run=new.get("run") or {},
+                        old_shown=(old.get("reported_run"), old.get("latest_run")),
+                        new_shown=(new.get("reported_run"), new.get("latest_run")))
     for old_group, new_group in _match(old["groups"], new["groups"], result):
         metrics = {key: Delta(old_group.get(key), new_group.get(key)) for key, _label, _up in METRICS}
         regressions = tuple(key for key in GATED if _beyond(key, metrics[key], max_regression))
@@ -157,6 +163,16 @@ def _beyond(key: str, delta: Delta, max_regression: float) -> bool:
     return worse > max_regression + 1e-9  # "more than PCT": exactly PCT passes
 
 
+def which_run(shown: tuple) -> str:
+    """"run 2", or "run 2 (the latest that made images; run 3 made none)"."""
+    reported, latest = shown
+    if reported is None:
+        return "no run"
+    if latest is not None and latest != reported:
+        return f"run {reported} (the latest that made images; run {latest} made none)"
+    return f"run {reported}"
+
+
 def _add_notes(result: Comparison) -> None:
     old, new = result.old_run, result.new_run
     for key in ("gpu_name", "device", "dtype"):
@@ -197,8 +213,9 @@ def to_json(result: Comparison) -> dict:
     def ident(g):
         return {k: g.get(k) for k in GROUP_KEYS + ("lora",)}
 
-    def run(r):
-        return {k: r.get(k) for k in ("model", "device", "gpu_name", "dtype", "torch", "diffusers", "sdbatch", "started_at")}
+    def run(r, shown):
+        return {**{k: r.get(k) for k in ("model", "device", "gpu_name", "dtype", "torch", "diffusers", "sdbatch",
+                                          "started_at")}, "run": shown[0], "latest_run": shown[1]}
 
     groups = []
     for g in result.matched:
@@ -208,19 +225,20 @@ def to_json(result: Comparison) -> dict:
         groups.append({**ident(g.new), "status": "regression" if g.regressions else "ok",
                        "regressions": list(g.regressions), "metrics": metrics})
     return {"ok": result.ok, "max_regression_pct": result.max_regression, "verdict": verdict(result),
-            "old": run(result.old_run), "new": run(result.new_run), "groups": groups,
+            "old": run(result.old_run, result.old_shown), "new": run(result.new_run, result.new_shown), "groups": groups,
             "added": [ident(g) for g in result.added], "missing": [ident(g) for g in result.missing],
             "notes": result.notes}
 
 
 def to_markdown(result: Comparison, old_label: str = "OLD", new_label: str = "NEW") -> str:
     """A table and a one-line verdict, for a CI comment."""
-    def side(label, run):
+    def side(label, run, shown):
         where = run.get("gpu_name") or run.get("device") or "?"
-        return f"`{label}`: {run.get('model', '?')} on {where}, started {run.get('started_at', '?')}"
+        number = f", {which_run(shown)}" if shown[0] is not None else ""
+        return f"`{label}`: {run.get('model', '?')} on {where}, started {run.get('started_at', '?')}{number}"
 
-    lines = ["## sdbatch compare", "", f"- old {side(old_label, result.old_run)}",
-             f"- new {side(new_label, result.new_run)}", ""]
+    lines = ["## sdbatch compare", "", f"- old {side(old_label, result.old_run, result.old_shown)}",
+             f"- new {side(new_label, result.new_run, result.new_shown)}", ""]
     if result.matched:
         lines += ["| group | " + " | ".join(label for _k, label, _up in METRICS) + " | failed | status |",
                   "|---|" + "---|" * len(METRICS) + "---|---|"]

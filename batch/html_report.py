@@ -58,8 +58,8 @@ code{background:#eee;padding:1px 4px;border-radius:3px}
 def render(report: dict, checkpoint: Checkpoint, out: Path) -> str:
     """The whole page, as one string."""
     run, totals = report["run"], report["totals"]
-    last = checkpoint.last_run()
-    batches = batch_points(checkpoint.image_rows(last[0])) if last else []
+    shown = report.get("reported_run")  # the latest run that made images
+    batches = batch_points(checkpoint.image_rows(shown)) if shown is not None else []
     thumbs = list(islice((meta for meta in checkpoint.done_metadata() if meta), MAX_THUMBS))
     failed = checkpoint.failed_jobs()
     title = f"sdbatch report: {run.get('model', '?')}, {run.get('started_at', 'no run yet')}"
@@ -69,6 +69,7 @@ def render(report: dict, checkpoint: Checkpoint, out: Path) -> str:
         f"started {_e(run.get('started_at', '-'))}</p>",
         _summary(report),
         _ranks(report.get("ranks", [])),
+        _runs(report),
         _charts(report, batches),
         _contact_sheet(thumbs, totals["done"], out),
         _failures(failed, run, out),
@@ -106,6 +107,22 @@ def batch_points(image_rows: list[tuple]) -> list[dict]:
 
 
 # --- sections -------------------------------------------------------------------------
+
+def _runs(report: dict) -> str:
+    """Every run of the folder, when there was more than one; which one the figures above are from."""
+    runs = report.get("runs", [])
+    if len(runs) < 2:
+        return ""
+    rows = "".join(f"<tr><td>{_e(r['run'])}{' (shown)' if r['run'] == report.get('reported_run') else ''}</td>"
+                   f"<td>{_e(r['started_at'] or '-')}</td><td>{_e(r['model'] or '-')}</td><td>{_e(r['device'] or '-')}</td>"
+                   f"<td>{_e(r['generated'] if r['generated'] is not None else '-')}</td>"
+                   f"<td>{_e(r['skipped_from_checkpoint'] if r['skipped_from_checkpoint'] is not None else '-')}</td>"
+                   f"<td>{_num(r['generate_s'])}</td><td>{_num(r['images_per_s'])}</td>"
+                   f"<td>{'yes' if r['finished'] else 'no'}</td></tr>" for r in runs)
+    return (f"<h2>Runs ({len(runs)})</h2><p class=sub>The figures above are those of run {_e(report.get('reported_run'))}, "
+            "the latest that made images.</p><table><tr><th>run</th><th>started</th><th>model</th><th>device</th>"
+            f"<th>made</th><th>skipped</th><th>generate s</th><th>images/s</th><th>finished</th></tr>{rows}</table>")
+
 
 def _ranks(ranks: list[dict]) -> str:
     """Runs under torchrun / accelerate launch: one row per process."""

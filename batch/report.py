@@ -14,13 +14,16 @@ STAGES = ("load_s", "warmup_s", "encode_s", "denoise_s", "decode_s", "write_s")
 
 
 def build_report(checkpoint: Checkpoint) -> dict:
-    """The report of the folder's latest run, with image counts over the whole folder."""
-    last = checkpoint.last_run()
+    """The report of the folder's latest run that made images (a rerun that made nothing must not
+    erase the figures of the run that did), a table of every run, and image counts over the whole folder."""
+    runs = checkpoint.runs()
     counts = checkpoint.counts()
-    if last is None:
+    made = [r for r in runs if (r[2] or {}).get("generated") or checkpoint.group_stats(r[0])]
+    shown = made[-1] if made else (runs[-1] if runs else None)
+    if shown is None:
         run_id, settings, timing = None, {}, {}
     else:
-        run_id, settings, timing = last
+        run_id, settings, timing = shown
         timing = timing or {}
     groups = checkpoint.group_stats(run_id) if run_id is not None else []
     generated = sum(g["images"] for g in groups)
@@ -47,12 +50,26 @@ def build_report(checkpoint: Checkpoint) -> dict:
         "peak_rss_bytes": timing.get("peak_rss_bytes"),
         "interrupted": timing.get("interrupted", bool(settings) and not timing),
     }
-    report = {"run": settings, "totals": totals, "groups": groups, "stages": stages}
+    report = {"run": settings, "totals": totals, "groups": groups, "stages": stages,
+              "reported_run": run_id, "latest_run": runs[-1][0] if runs else None,
+              "runs": [run_summary(number, run_settings, run_totals) for number, run_settings, run_totals in runs]}
     ranks = checkpoint.rank_stats(run_id) if run_id is not None else []
     if ranks:  # a run under torchrun / accelerate launch: what each process did, and all together
         report["ranks"] = ranks
         totals["ranks_images_per_s"] = round(sum(r["images_per_s"] for r in ranks), 4)
     return report
+
+
+def run_summary(number: int, settings: dict, totals: dict | None) -> dict:
+    """One line of the report's table of runs."""
+    totals = totals or {}
+    generated, generate_s = totals.get("generated"), totals.get("generate_s")
+    return {"run": number, "started_at": settings.get("started_at"), "model": settings.get("model"),
+            "device": settings.get("device"), "processes": settings.get("processes", 1),
+            "threads": settings.get("threads"), "generated": generated,
+            "skipped_from_checkpoint": totals.get("skipped_from_checkpoint"), "generate_s": generate_s,
+            "images_per_s": round(generated / generate_s, 4) if generated and generate_s else None,
+            "wall_s": totals.get("wall_s"), "finished": bool(totals) and not totals.get("interrupted")}
 
 
 def write_reports(out: Path, checkpoint: Checkpoint) -> dict:
@@ -105,6 +122,9 @@ def markdown(report: dict) -> str:
     ]
     if totals.get("interrupted"):
         lines += ["**The run was interrupted**: run the same command again to finish it.", ""]
+    if report.get("latest_run") is not None and report.get("reported_run") != report.get("latest_run"):
+        lines += [f"The latest run ({report['latest_run']}) made no images: the figures here are those of run "
+                  f"{report['reported_run']}, the latest that did. Every run is listed under Runs.", ""]
     if groups:
         lines += [
             "## Groups",
@@ -128,6 +148,15 @@ def markdown(report: dict) -> str:
         lines += [f"| {r['rank']} | {r['host']} | {r['device']} | {r['images']} | {_num(r['seconds'])} | "
                   f"{_num(r['images_per_s'])} |" for r in report["ranks"]]
         lines += [f"| all | | | {sum(r['images'] for r in report['ranks'])} | | {_num(totals['ranks_images_per_s'])} |", ""]
+    if len(report.get("runs", [])) > 1:
+        lines += ["## Runs", "", "| run | started | model | device | processes | threads | made | skipped | generate s "
+                  "| images/s (generation) | wall s | finished |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['run']} | {r['started_at']} | {r['model']} | {r['device']} | {r['processes']} | "
+                  f"{r['threads'] or '-'} | {r['generated'] if r['generated'] is not None else '-'} | "
+                  f"{r['skipped_from_checkpoint'] if r['skipped_from_checkpoint'] is not None else '-'} | "
+                  f"{_num(r['generate_s'])} | {_num(r['images_per_s'])} | {_num(r['wall_s'])} | "
+                  f"{'yes' if r['finished'] else 'no'} |" for r in report["runs"]]
+        lines.append("")
     if totals["failed"]:
         lines += [f"{totals['failed']} image(s) failed: see `failed.jsonl` (run it as a manifest, or rerun with `--retry-failed`).", ""]
     return "\n".join(lines)

@@ -91,3 +91,29 @@ def test_repeated_prompt_runs_into_one_folder_keep_every_image(tmp_path, capsys)
     lines = (out / "images" / "metadata.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["prompt"] for line in lines) == ["a blue square", "a red circle"]
     assert json.loads((out / "report.json").read_text())["totals"]["done"] == 2
+
+
+def test_a_rerun_that_makes_nothing_keeps_the_first_runs_figures(tmp_path, capsys):
+    """A second run that makes nothing used to rewrite the report as "0.00 img/s" and make compare pass."""
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": f"r{i}", "prompt": "a red circle", "seed": i} for i in range(3)])
+    out = tmp_path / "out"
+    assert cli(manifest, *FAST, "--out", out, "--quiet") == 0
+    first = json.loads((out / "report.json").read_text())
+    assert first["totals"]["generated"] == 3 and first["totals"]["images_per_s"] > 0
+    assert cli(manifest, *FAST, "--out", out, "--quiet") == 0  # everything done: makes nothing
+    again = json.loads((out / "report.json").read_text())
+    assert (again["reported_run"], again["latest_run"]) == (1, 2)
+    assert again["totals"]["generated"] == 3 and again["totals"]["images_per_s"] == first["totals"]["images_per_s"]
+    assert again["groups"] == first["groups"]
+    assert [(r["run"], r["generated"], r["skipped_from_checkpoint"]) for r in again["runs"]] == [(1, 3, 0), (2, 0, 3)]
+    markdown = (out / "report.md").read_text()
+    assert "The latest run (2) made no images" in markdown and "## Runs" in markdown
+    assert "Runs (2)" in (out / "report.html").read_text()
+    assert cli("report", out) == 0  # rebuilt from the checkpoint: the same
+    assert json.loads((out / "report.json").read_text())["totals"]["images_per_s"] == first["totals"]["images_per_s"]
+    capsys.readouterr()
+    assert cli("compare", out, out, "--format", "json") == 0
+    compared = json.loads(capsys.readouterr().out)
+    assert compared["new"]["run"] == 1 and compared["new"]["latest_run"] == 2 and len(compared["groups"]) == 1
+    assert cli("compare", out, out) == 0
+    assert "run 1 (the latest that made images; run 2 made none)" in capsys.readouterr().out
