@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import devices
 from .devices import synchronize as _sync
-from .runner import percentile
+from .tally import percentile
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import FAST, cli, done_count, write_jsonl
+from conftest import cli, done_count, write_jsonl
 
 torch = pytest.importorskip("torch")
 
@@ -72,7 +72,7 @@ class CheckedCuda:
 
 def _no_model(monkeypatch):
     """Loading fails (there is no GPU to load onto): its rows fail, the run ends normally."""
-    from batch import runner
+    from batch import execute
     from batch.errors import ModelError
 
     loaded_on = []
@@ -81,7 +81,7 @@ def _no_model(monkeypatch):
         loaded_on.append(options.device)
         raise ModelError("no model in this test")
 
-    monkeypatch.setattr(runner, "load_family", refuse)
+    monkeypatch.setattr(execute, "load_family", refuse)
     return loaded_on
 
 
@@ -206,7 +206,7 @@ def test_api_run_with_launcher_true_joins_the_launch(inside_a_launch, tmp_path):
 
 def test_ctrl_c_during_validation_stops_the_caller_too(tmp_path, monkeypatch):
     """The nested run checks the caller's stop and installs no handler: the SIGINT is the training's."""
-    from batch import generate, runner
+    from batch import execute, generate
     from batch.train.validation import ValidationSpec, validate
 
     real = generate.generate_batch
@@ -218,7 +218,7 @@ def test_ctrl_c_during_validation_stops_the_caller_too(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C during the first batch
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "generate_batch", interrupted_batch)
+    monkeypatch.setattr(execute, "generate_batch", interrupted_batch)
     colours = ("red", "blue", "green", "yellow", "purple", "white")  # two batches: 4 + 2 on the CPU
     spec = ValidationSpec(tuple(f"a {c} circle" for c in colours), 1, 32, 32, 0, "tiny", "cpu")
     with GracefulStop() as training_stop:

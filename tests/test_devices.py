@@ -105,9 +105,9 @@ def test_device_memory_is_read_while_a_model_is_loaded(tmp_path, monkeypatch):
         loaded["n"] -= 1
         return real_unload(self)
 
-    import batch.runner as runner
+    import batch.execute as execute
 
-    monkeypatch.setattr(runner, "load_family", load)
+    monkeypatch.setattr(execute, "load_family", load)
     monkeypatch.setattr(models.PipelineFamily, "unload", unload)
     monkeypatch.setattr(devices, "used_bytes", lambda device: 1000 * loaded["n"])  # "GPU" memory of loaded models
     out = tmp_path / "out"
@@ -116,10 +116,10 @@ def test_device_memory_is_read_while_a_model_is_loaded(tmp_path, monkeypatch):
 
 
 def test_the_previous_models_caches_are_gone_before_the_next_model_loads(tmp_path, monkeypatch):
-    import batch.runner as runner
+    import batch.execute as execute
 
     conditioners, cached_at_load = [], []
-    real_conditioner, real_load = runner.Conditioner, runner.load_family
+    real_conditioner, real_load = execute.Conditioner, execute.load_family
 
     def conditioner(family):
         made = real_conditioner(family)
@@ -131,8 +131,8 @@ def test_the_previous_models_caches_are_gone_before_the_next_model_loads(tmp_pat
         cached_at_load.append(sum(len(c.text_cache) + len(c.image_cache) + len(c.ip_cache) for c in live))
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "Conditioner", conditioner)
-    monkeypatch.setattr(runner, "load_family", load)
+    monkeypatch.setattr(execute, "Conditioner", conditioner)
+    monkeypatch.setattr(execute, "load_family", load)
     assert cli(_two_models(tmp_path), *FAST, "--out", tmp_path / "out", "--quiet") == 0
     assert cached_at_load == [0, 0], f"embeddings still cached when a model loaded: {cached_at_load}"
 
@@ -155,7 +155,8 @@ def test_written_images_are_credited_to_the_group_that_made_them():
     from types import SimpleNamespace
 
     from batch.plan import Group
-    from batch.runner import GroupTally, _commit_written
+    from batch.execute import commit_written as _commit_written
+    from batch.tally import GroupTally
 
     first = GroupTally(Group("tiny", None, "txt2img", 64, 64, ()))
     second = GroupTally(Group("/models/other", None, "txt2img", 64, 64, ()))
@@ -167,16 +168,16 @@ def test_written_images_are_credited_to_the_group_that_made_them():
 
 
 def test_a_model_that_fails_to_load_in_any_way_fails_only_its_rows(tmp_path, monkeypatch):
-    import batch.runner as runner
+    import batch.execute as execute
 
-    real_load = runner.load_family
+    real_load = execute.load_family
 
     def load(model, options):
         if model != "tiny":
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return real_load(model, options)
 
-    monkeypatch.setattr(runner, "load_family", load)
+    monkeypatch.setattr(execute, "load_family", load)
     out = tmp_path / "out"
     assert cli(_two_models(tmp_path), *FAST, "--out", out, "--quiet") == 1
     report = json.loads((out / "report.json").read_text())
@@ -204,9 +205,9 @@ def test_cuda_1_measures_cuda_1(tmp_path):
 @needs_cuda
 def test_out_of_memory_halves_succeed_with_real_allocations(tmp_path, monkeypatch):
     """A real CUDA OOM: the halves fit only if the failed call's allocation was freed first."""
-    import batch.runner as runner
+    import batch.execute as execute
 
-    real, sizes = runner.generate_batch, []
+    real, sizes = execute.generate_batch, []
     free, _ = torch.cuda.mem_get_info()
     chunk = int(free * 0.4) // 4  # float32 elements: 40% of free memory per allocation
 
@@ -217,7 +218,7 @@ def test_out_of_memory_halves_succeed_with_real_allocations(tmp_path, monkeypatc
             more = [torch.empty(chunk, dtype=torch.float32, device="cuda") for _ in range(2)]  # noqa: F841
         return real(family, conditioner, batch, steps)
 
-    monkeypatch.setattr(runner, "generate_batch", greedy)
+    monkeypatch.setattr(execute, "generate_batch", greedy)
     rows = [{"id": f"r{i}", "prompt": "x", "seed": i} for i in range(2)]
     out = tmp_path / "out"
     assert cli(write_jsonl(tmp_path / "m.jsonl", rows), "--model", "tiny", "--device", "cuda", "--steps", "3",

@@ -7,9 +7,9 @@ from conftest import FAST, cli, read_metadata, write_jsonl
 
 
 def test_failed_jsonl_runs_as_is_from_another_folder(tmp_path, images_dir, monkeypatch):
-    import batch.runner as runner
+    import batch.execute as execute
 
-    real = runner.generate_batch
+    real = execute.generate_batch
 
     def flaky(family, conditioner, batch, steps=None):  # fault-injection seam: tests only
         if any(t.job.id == "i" for t in batch.tasks):
@@ -20,9 +20,9 @@ def test_failed_jsonl_runs_as_is_from_another_folder(tmp_path, images_dir, monke
         {"id": "i", "prompt": "p", "init_image": "init.png", "strength": 0.5, "seed": 1, "label": "kept"},
         {"id": "t", "prompt": "q", "seed": 2}])
     out = tmp_path / "first"
-    monkeypatch.setattr(runner, "generate_batch", flaky)
+    monkeypatch.setattr(execute, "generate_batch", flaky)
     assert cli(manifest, *FAST, "--out", out, "--quiet", "--batch-size", "1") == 1
-    monkeypatch.setattr(runner, "generate_batch", real)
+    monkeypatch.setattr(execute, "generate_batch", real)
     (failed,) = [json.loads(line) for line in (out / "failed.jsonl").read_text().splitlines()]
     assert failed["init_image"] == str(images_dir / "init.png") and "a passing fault" in failed["error"]
 

@@ -117,9 +117,9 @@ def test_busy_folder_exits_2_and_a_stale_lock_is_taken_over(tmp_path, capsys):
 def test_out_of_memory_halves_the_batch_and_keeps_the_smaller_size(tmp_path, monkeypatch):
     import torch
 
-    import batch.runner as runner
+    import batch.execute as execute
 
-    real, sizes = runner.generate_batch, []
+    real, sizes = execute.generate_batch, []
 
     def small_gpu(family, conditioner, batch, steps=None):  # fault-injection seam: tests only
         sizes.append(len(batch.tasks))
@@ -127,7 +127,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_smaller_size(tmp_path, mon
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(family, conditioner, batch, steps)
 
-    monkeypatch.setattr(runner, "generate_batch", small_gpu)
+    monkeypatch.setattr(execute, "generate_batch", small_gpu)
     rows = [{"id": f"r{i}", "prompt": "x", "seed": i} for i in range(16)] + [{"id": "huge", "prompt": "y"}]
     out = tmp_path / "out"
     assert cli(write_jsonl(tmp_path / "m.jsonl", rows), *FAST, "--out", out, "--quiet", "--batch-size", "8") == 1
@@ -183,16 +183,16 @@ def test_a_full_disk_fails_only_that_image(tmp_path, monkeypatch):
 
 
 def test_attempts_are_counted_and_capped(tmp_path, monkeypatch):
-    import batch.runner as runner
+    import batch.execute as execute
 
-    real = runner.generate_batch
+    real = execute.generate_batch
 
     def always_fails(family, conditioner, batch, steps=None):
         if batch.tasks[0].job.id == "bad":
             raise RuntimeError("broken job")
         return real(family, conditioner, batch, steps)
 
-    monkeypatch.setattr(runner, "generate_batch", always_fails)
+    monkeypatch.setattr(execute, "generate_batch", always_fails)
     manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "bad", "prompt": "x"}, {"id": "good", "prompt": "y"}])
     out = tmp_path / "out"
 
@@ -220,9 +220,9 @@ def test_out_of_memory_retry_runs_after_the_failed_call_is_released(tmp_path, mo
 
     import torch
 
-    import batch.runner as runner
+    import batch.execute as execute
 
-    real, held, alive_at_retry = runner.generate_batch, [], []
+    real, held, alive_at_retry = execute.generate_batch, [], []
 
     class Activations:  # stands for the tensors a failed UNet call leaves in its frames
         pass
@@ -239,7 +239,7 @@ def test_out_of_memory_retry_runs_after_the_failed_call_is_released(tmp_path, mo
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(family, conditioner, batch, steps)
 
-    monkeypatch.setattr(runner, "generate_batch", small_gpu)
+    monkeypatch.setattr(execute, "generate_batch", small_gpu)
     rows = [{"id": f"r{i}", "prompt": "x", "seed": i} for i in range(4)]
     assert cli(write_jsonl(tmp_path / "m.jsonl", rows), *FAST, "--out", tmp_path / "out", "--quiet",
                "--batch-size", "4") == 0

@@ -51,13 +51,13 @@ def test_generator_shows_no_diffusers_bars(capfd):
 
 def test_a_prompt_runs_failed_rows_keep_every_parameter(tmp_path, monkeypatch):
     """Rerunning failed.jsonl must make the same job, not one with the run's defaults."""
-    from batch import runner
+    from batch import execute
     from batch.errors import ModelError
 
     def refuse(model, options):
         raise ModelError("no model in this test")
 
-    monkeypatch.setattr(runner, "load_family", refuse)
+    monkeypatch.setattr(execute, "load_family", refuse)
     out = tmp_path / "single"
     code = cli("--prompt", "a red circle", "--model", "tiny", "--device", "cpu", "--steps", "7", "--cfg", "3.5",
                "--width", "96", "--height", "64", "--scheduler", "euler", "--out", out, "--quiet")

@@ -83,16 +83,16 @@ def test_report_command_rebuilds_html_and_caps_the_contact_sheet(demo_out, tmp_p
 
 
 def test_escaping_failures_and_no_images(tmp_path, monkeypatch):
-    import batch.runner as runner
+    import batch.execute as execute
 
-    real = runner.generate_batch
+    real = execute.generate_batch
 
     def fail_bad(family, conditioner, batch, steps=None):
         if any(t.job.id.startswith("bad") for t in batch.tasks):
             raise RuntimeError("<b>injected</b> failure & \"quotes\"")
         return real(family, conditioner, batch, steps)
 
-    monkeypatch.setattr(runner, "generate_batch", fail_bad)
+    monkeypatch.setattr(execute, "generate_batch", fail_bad)
     evil = "<script>alert(\"x\")</script>\n'single' & \"double\" <img src=x onerror=alert(1)>"
     manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "evil", "prompt": evil, "seed": 5},
                                                   {"id": "bad", "prompt": "y"}])
@@ -109,7 +109,7 @@ def test_escaping_failures_and_no_images(tmp_path, monkeypatch):
     assert "--retry-failed" in words and "failed.jsonl" in words
 
     # Every job failing: 0 images done still renders, with the failures and no thumbnails.
-    monkeypatch.setattr(runner, "generate_batch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(execute, "generate_batch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     manifest = write_jsonl(tmp_path / "none.jsonl", [{"id": "bad-1", "prompt": "x"}, {"id": "bad-2", "prompt": "y"}])
     out = tmp_path / "none"
     assert cli(manifest, *FAST, "--out", out, "--quiet") == 1

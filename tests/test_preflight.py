@@ -54,13 +54,13 @@ def test_a_lora_for_another_architecture_is_refused_before_any_model_loads(tmp_p
     """Shapes are checked on the model's UNet built on the meta device: no weights load."""
     from safetensors.torch import load_file, save_file
 
-    import batch.runner as runner
+    import batch.execute as execute
 
     lora = make_tiny_lora(tmp_path)
     tensors = load_file(str(lora))
     wide = {k: (v.new_zeros(v.shape[0], v.shape[1] * 10) if "down" in k or "lora_A" in k else v) for k, v in tensors.items()}
     save_file(wide, str(tmp_path / "wide.safetensors"))
-    monkeypatch.setattr(runner, "load_family", lambda *a: pytest.fail("a model loaded"))
+    monkeypatch.setattr(execute, "load_family", lambda *a: pytest.fail("a model loaded"))
     rows = [{"id": "w", "prompt": "x", "lora": "wide.safetensors"}]
     _refused(tmp_path, capsys, rows, expect=("does not fit model 'tiny'", "size mismatch", "row w"))
 

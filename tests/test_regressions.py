@@ -61,17 +61,17 @@ def test_an_edited_init_image_is_made_again_on_the_same_command(tmp_path):
 
 
 def test_a_model_that_fails_to_load_fails_only_its_rows(tmp_path, monkeypatch):
-    import batch.runner as runner
+    import batch.execute as execute
     from batch.errors import ModelError
 
-    real = runner.load_family
+    real = execute.load_family
 
     def broken_second_model(model, options):
         if model != "tiny":
             raise ModelError(f"cannot load model '{model}': weights are corrupt")
         return real(model, options)
 
-    monkeypatch.setattr(runner, "load_family", broken_second_model)
+    monkeypatch.setattr(execute, "load_family", broken_second_model)
     other = tmp_path / "other"
     (other).mkdir()
     (other / "model_index.json").write_text("{}")

@@ -95,16 +95,16 @@ def test_missing_file_is_regenerated(tmp_path):
 
 
 def test_failed_job_is_recorded_and_retried(tmp_path, monkeypatch):
-    import batch.runner as runner
+    import batch.execute as execute
 
-    real = runner.generate_batch
+    real = execute.generate_batch
 
     def flaky(family, conditioner, batch, steps=None):
         if any(t.job.id == "bad" for t in batch.tasks):
             raise RuntimeError("injected failure")
         return real(family, conditioner, batch, steps)
 
-    monkeypatch.setattr(runner, "generate_batch", flaky)
+    monkeypatch.setattr(execute, "generate_batch", flaky)
     manifest = write_jsonl(tmp_path / "m.jsonl", [
         {"id": "a", "prompt": "x"}, {"id": "bad", "prompt": "y", "label": "keep"}, {"id": "c", "prompt": "z"}])
     out = tmp_path / "out"
@@ -114,7 +114,7 @@ def test_failed_job_is_recorded_and_retried(tmp_path, monkeypatch):
     assert failed["id"] == "bad" and failed["label"] == "keep" and "injected failure" in failed["error"]
     assert json.loads((out / "report.json").read_text())["totals"]["failed"] == 1
     # Without --retry-failed the failure stands; with it, the job runs again.
-    monkeypatch.setattr(runner, "generate_batch", real)
+    monkeypatch.setattr(execute, "generate_batch", real)
     assert cli(manifest, *FAST, "--out", out, "--quiet") == 1
     assert cli(manifest, *FAST, "--out", out, "--quiet", "--retry-failed") == 0
     assert (out / "images" / "bad.png").exists() and len(read_metadata(out)) == 3
@@ -123,14 +123,14 @@ def test_failed_job_is_recorded_and_retried(tmp_path, monkeypatch):
 
 
 def test_failed_jsonl_runs_as_a_manifest(tmp_path, monkeypatch):
-    import batch.runner as runner
+    import batch.execute as execute
 
-    real = runner.generate_batch
-    monkeypatch.setattr(runner, "generate_batch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    real = execute.generate_batch
+    monkeypatch.setattr(execute, "generate_batch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "a", "prompt": "x"}])
     out = tmp_path / "out"
     assert cli(manifest, *FAST, "--out", out, "--quiet") == 1
-    monkeypatch.setattr(runner, "generate_batch", real)
+    monkeypatch.setattr(execute, "generate_batch", real)
     assert cli(out / "failed.jsonl", *FAST, "--out", tmp_path / "again", "--quiet") == 0
     assert (tmp_path / "again" / "images" / "a.png").exists()
 
