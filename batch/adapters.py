@@ -255,7 +255,7 @@ def _meta_components(model: str):
 
 def _config_folder(model: str) -> str | None:
     """The folder holding the model's configs; None where they are not on disk (or the name resolves
-    to nothing: `run` says so itself, `validate` does not look at models)."""
+    to nothing: `run` and `validate` say so themselves)."""
     try:
         source = resolve_model(model)
     except ModelError:

@@ -13,6 +13,7 @@ Both go through the runner's own machinery (manifest validation, the pipeline fa
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 from dataclasses import dataclass, fields
@@ -21,6 +22,8 @@ from pathlib import Path
 from .config import DEFAULT_MODEL, Defaults, RunConfig
 from .errors import ManifestError, RowError
 from .job import FILE_COLUMNS
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Generator", "Result", "run"]
 
@@ -222,6 +225,7 @@ class Generator:
                                    safety_checker=safety_checker, ip_adapter=ip_adapter)
         check_options(self.options)
         self.model, self.quiet = model, quiet
+        _show_progress(not quiet)
         self.defaults = Defaults(model=model, **defaults)
         self.family = load_family(model, self.options)
         for view in self.family.views():  # one kind of progress: sdbatch's log lines, not diffusers' tqdm bars too
@@ -309,6 +313,8 @@ class Generator:
         if out is not None:
             self._write(out, tasks, output.images)
         self._calls += 1
+        if not self.quiet:  # sdbatch's one kind of progress: a line per call (diffusers' own bars stay off)
+            log.info("%s: %d image(s) in %.1fs", job.mode, len(tasks), output.seconds)
         return list(output.images)
 
     def _job(self, raw: dict):

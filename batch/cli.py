@@ -48,8 +48,8 @@ def _plan_options() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=None, help="images per UNet call [auto: 4 on CPU, by resolution on CUDA]")
     p.add_argument("--steps", type=_positive_int, default=Defaults.steps, help=f"denoising steps [{Defaults.steps}]")
     p.add_argument("--cfg", type=float, default=Defaults.cfg, help=f"classifier-free guidance scale [{Defaults.cfg}]")
-    p.add_argument("--width", type=int, default=Defaults.width, help=f"[{Defaults.width}]")
-    p.add_argument("--height", type=int, default=Defaults.height, help=f"[{Defaults.height}]")
+    p.add_argument("--width", type=int, default=None, help="[the model's own size: 512; tiny 128]")
+    p.add_argument("--height", type=int, default=None, help="[the model's own size: 512; tiny 128]")
     p.add_argument("--scheduler", default=Defaults.scheduler, choices=list(SCHEDULERS), help=f"[{Defaults.scheduler}]")
     p.add_argument("--seed", type=int, default=0, help="run seed; rows without a seed derive theirs from (seed, id) [0]")
     p.add_argument("--skip-invalid", action="store_true", help="run the valid rows, record invalid ones as failed")
@@ -352,11 +352,13 @@ def _gb(value: int) -> str:
 def cmd_validate(args) -> int:
     from .adapters import check_adapters
     from .manifest import load_manifest
-    from .models import LoadOptions, check_options, resolve_device, resolve_dtype
+    from .models import LoadOptions, check_options, resolve_device, resolve_dtype, resolve_model
     from .plan import make_plan
 
     manifest = load_manifest(args.manifest, _defaults(args), args.seed, args.skip_invalid)
     jobs = manifest.jobs[: args.limit] if args.limit else manifest.jobs
+    for model in dict.fromkeys(job.model for job in jobs):
+        resolve_model(model)  # as `run` does: a model that cannot be found or fetched is invalid
     device = resolve_device(args.device)  # the plan's batch sizes depend on it, as in `run`
     options = LoadOptions(device=device, dtype=resolve_dtype(args.dtype, device), offload=args.offload,
                           attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
@@ -480,6 +482,8 @@ def cmd_prepare_dataset(args) -> int:
 
 
 def cmd_train_lora(args) -> int:
+    from .context import RunContext
+    from .interrupt import GracefulStop
     from .train.lora import LoraTrainConfig, train_lora
 
     config = LoraTrainConfig(
@@ -493,11 +497,14 @@ def cmd_train_lora(args) -> int:
         validation_every=args.validation_every, validation_images=args.validation_images, name=args.name,
         device=args.device, quiet=args.quiet,
         target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()))
-    result = train_lora(config)
+    with GracefulStop() as stop:  # this process's place in a torchrun / accelerate launch, if any
+        result = train_lora(config, RunContext.launched(config.device, stop))
     if result.interrupted:
         print(f"interrupted at step {result.step}: run the same command with --resume latest", file=sys.stderr)
-    else:
+    elif result.final is not None:  # the main process writes the adapter; the others only say they are done
         print(f"trained {result.step} steps -> {result.final} (diffusers) and {result.kohya} (kohya/A1111)")
+    else:
+        print(f"trained {result.step} steps (this process's share; the main process writes the adapter)")
     return result.exit_code
 
 

@@ -13,8 +13,8 @@ class Defaults:
 
     steps: int = 25
     cfg: float = 7.5
-    width: int = 512
-    height: int = 512
+    width: int | None = None  # None: the row's model's own size (models.native_size: tiny 128, SD 1.5 512)
+    height: int | None = None
     scheduler: str = "dpmpp_2m_karras"
     strength: float = 0.6  # img2img: fraction of the schedule re-run over the init image
     ip_scale: float = 0.6

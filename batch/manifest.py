@@ -17,7 +17,7 @@ from pathlib import Path
 from .config import Defaults
 from .errors import ManifestError, RowError
 from .job import FILE_COLUMNS, IMAGE_PROMPT_METHODS, MODES, Job
-from .models import HUB_ID, PRESETS
+from .models import HUB_ID, PRESETS, native_size
 from .schedulers import SCHEDULERS
 
 COLUMNS = (
@@ -452,8 +452,9 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
     if method == "ip_adapter":
         ip_scale = scale
 
-    width = row.number("width", int, 8, MAX_SIDE, defaults.width)
-    height = row.number("height", int, 8, MAX_SIDE, defaults.height)
+    model = _reference(row, "model", images.folder, images.where) or defaults.model
+    width = row.number("width", int, 8, MAX_SIDE, defaults.width or native_size(model))
+    height = row.number("height", int, 8, MAX_SIDE, defaults.height or native_size(model))
     for column, value in (("width", width), ("height", height)):
         if value % 8:
             row.error(column, value, "must be a multiple of 8")
@@ -467,7 +468,6 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
     if strength is not None and int(steps * strength) < 1:  # diffusers runs int(steps * strength) steps
         row.error("strength", strength, f"strength x steps must give at least one step (steps is {steps})")
 
-    model = _reference(row, "model", images.folder, images.where) or defaults.model
     lora = _reference(row, "lora", images.folder, images.where)
     lora_scale = row.number("lora_scale", float, -10.0, 10.0, 1.0 if lora else None)
     if lora is None and not row.text("lora") and raw.get("lora_scale") not in (None, ""):  # a bad lora: said once

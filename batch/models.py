@@ -7,6 +7,7 @@ between batches; nothing is reloaded from disk.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -21,7 +22,10 @@ from .schedulers import build_scheduler
 
 log = logging.getLogger(__name__)
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+_PACKAGE = Path(__file__).resolve().parent
+# The shipped models: `models/` in a checkout; a wheel carries that same folder as `batch/models_data/`
+# (pyproject's package-dir maps one onto the other), so an installed package needs no checkout.
+MODELS_DIR = _PACKAGE / "models_data" if (_PACKAGE / "models_data").is_dir() else _PACKAGE.parent / "models"
 SD15_CONFIGS = MODELS_DIR / "sd15"  # SD 1.5 configs and tokenizer, no weights
 TINY_IP_ADAPTER = MODELS_DIR / "tiny-ip-adapter" / "ip-adapter_tiny.safetensors"
 SD15_IP_ADAPTER = "h94/IP-Adapter/models/ip-adapter_sd15.safetensors"
@@ -31,6 +35,8 @@ HUB_ID = re.compile(r"[\w.\-]{1,96}/[\w.\-]{1,96}")  # org/name, as the Hub allo
 PRESETS = ("tiny", "sd15-random")  # model names that are not paths or hub ids
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 OFFLOAD = ("none", "model", "sequential")
+SD15_SIZE = 512  # SD 1.5's side in pixels: the default size of models whose configs are not on disk
+HUB_TIMEOUT_S = 10  # asking the Hub whether a model exists: a dead network must not stall the run for long
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,8 @@ def resolve_model(name: str) -> ModelSource:
     if name == "tiny":
         path = MODELS_DIR / "tiny"
         if not (path / "model_index.json").exists():
-            raise ModelError(f"the embedded tiny model is missing at {path}; retrain it with `python -m batch.toy.train`")
+            raise ModelError(f"the embedded tiny model is missing at {path}: reinstall sdbatch (the package ships it), "
+                             "or in a checkout restore models/tiny from git")
         return ModelSource(name, "folder", str(path))
     if name == "sd15-random":
         if not (SD15_CONFIGS / "unet" / "config.json").exists():
@@ -78,14 +85,82 @@ def resolve_model(name: str) -> ModelSource:
             raise ModelError(f"{path} is not a diffusers model folder (no model_index.json)")
         return ModelSource(name, "folder", str(path.resolve()))
     if HUB_ID.fullmatch(name):
-        if _offline():
-            from huggingface_hub import try_to_load_from_cache
-
-            if not isinstance(try_to_load_from_cache(name, "model_index.json"), str):
-                raise ModelError(f"model '{name}' is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
-                                 "download it once online (or point --model at a local folder or file)")
+        check_hub_model(name)
         return ModelSource(name, "hub", name)
     raise ModelError(f"model '{name}' is neither an existing folder or checkpoint file nor a hub id like 'org/name'")
+
+
+def check_hub_model(name: str) -> None:
+    """A hub model is in the local cache, or the Hub says it exists; else a ModelError saying what to do.
+
+    Asked before anything loads, so a model that cannot be fetched stops the run with one line
+    instead of failing every job at load time.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "model_index.json"), str):
+        return
+    if _offline():
+        raise ModelError(f"model '{name}' is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                         f"HF_HUB_OFFLINE is set: {_download_hint(name)}")
+    _ask_hub(name)
+
+
+@functools.lru_cache(maxsize=None)  # once per process and model: resolve_model is asked again at load time
+def _ask_hub(name: str) -> None:
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(name, timeout=HUB_TIMEOUT_S)
+    except RepositoryNotFoundError:
+        raise ModelError(f"model '{name}': no such model on the Hugging Face Hub ({constants.ENDPOINT}), or it is "
+                         "private (log in with `hf auth login`); check the name, or point --model at a local "
+                         "folder or file") from None
+    except HfHubHTTPError as e:
+        raise ModelError(f"model '{name}' is not in the Hugging Face cache and the Hub ({constants.ENDPOINT}) "
+                         f"answered {str(e).splitlines()[0]}: {_download_hint(name)}") from None
+    except Exception as e:  # whatever the transport raises (refused, DNS, timeout, TLS, proxy): no Hub
+        raise ModelError(f"model '{name}' is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
+                         f"({constants.ENDPOINT}) cannot be reached ({type(e).__name__}: {e}): "
+                         f"{_download_hint(name)}") from None
+
+
+def _download_hint(name: str) -> str:
+    return (f"download it with `hf download {name}` where there is a network (into the same HF_HOME), "
+            "or point --model at a local diffusers folder or .safetensors file")
+
+
+@functools.lru_cache(maxsize=None)  # asked for every row that leaves width or height empty
+def native_size(model: str) -> int:
+    """The side in pixels a model draws at: the size of rows that give no width or height.
+
+    As diffusers' pipelines default: the UNet's sample_size times the VAE's scale, from the configs
+    on disk (tiny: 128). Hub ids get SD 1.5's 512, cached or not, so a rerun's sizes never change.
+    Never raises: a model that cannot be found is reported by `resolve_model`.
+    """
+    import json
+
+    path = Path(model).expanduser()
+    if model == "tiny":
+        folder = MODELS_DIR / "tiny"
+    elif model == "sd15-random":
+        folder = SD15_CONFIGS
+    elif path.is_dir():
+        folder = path
+    elif path.is_file() and path.suffix.lower() == ".safetensors":
+        try:
+            folder = single_file_config(path)
+        except Exception:  # not a checkpoint we can read: the run says so when it resolves the model
+            return SD15_SIZE
+    else:
+        return SD15_SIZE
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):  # no configs, or a sample_size that is not one number
+        return SD15_SIZE
 
 
 def resolve_device(name: str) -> str:

@@ -13,7 +13,7 @@ Usage:
     pip download --no-deps open_clip_torch -d /tmp/oc
     unzip -o /tmp/oc/open_clip_torch-*.whl 'open_clip/bpe_simple_vocab_16e6.txt.gz' -d /tmp/oc
     python -m batch.sd15_configs /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz [OUT_DIR]
-        (OUT_DIR defaults to <repo root>/models/sd15/tokenizer)
+        (OUT_DIR defaults to the shipped models/sd15/tokenizer: the checkout's, or the installed package's)
 
 Output is deterministic (same bytes for the same input file).
 """
@@ -24,11 +24,10 @@ import gzip
 import json
 from pathlib import Path
 
+from batch.models import SD15_CONFIGS
 from batch.toy.tokenizer import BOS_TOKEN, EOS_TOKEN, bytes_to_unicode
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SD15_DIR = REPO_ROOT / "models" / "sd15"
-DEFAULT_OUT_DIR = SD15_DIR / "tokenizer"
+DEFAULT_OUT_DIR = SD15_CONFIGS / "tokenizer"
 
 VOCAB_SIZE = 49408
 NUM_MERGES = VOCAB_SIZE - 256 * 2 - 2  # 48894: what CLIP keeps of the BPE file's merges

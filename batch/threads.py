@@ -100,7 +100,7 @@ def apply(choice: ThreadChoice) -> int:
     import torch
 
     torch.set_num_threads(choice.threads)
-    log.info("using %d CPU thread(s) (%s)", choice.threads, choice.why)
+    log.debug("using %d CPU thread(s) (%s)", choice.threads, choice.why)  # run.log and the report say it too
     return choice.threads
 
 

@@ -53,3 +53,16 @@ def test_every_module_batch_imports_is_a_declared_dependency():
 def test_packages_used_through_diffusers_are_declared():
     missing = {name: why for name, why in USED_THROUGH_LIBRARIES.items() if _canonical(name) not in _declared()}
     assert not missing, f"needed at run time but not declared: {missing}"
+
+
+def test_the_package_carries_the_shipped_model_folders():
+    # `pip install .` (not editable) has no checkout: the embedded model, its IP-Adapter and the SD 1.5
+    # configs must travel inside the package (tests/test_wheel.py builds one and runs it).
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools.get("package-dir", {}).get("batch.models_data") == "models"
+    assert "batch.models_data" in setuptools["packages"]
+    shipped = {p for pattern in setuptools.get("package-data", {}).get("batch.models_data", [])
+               for p in (REPO / "models").glob(pattern) if p.is_file()}
+    needed = {p for name in ("tiny", "tiny-ip-adapter", "sd15")
+              for p in (REPO / "models" / name).rglob("*") if p.is_file()}
+    assert not needed - shipped, f"not in the wheel: {sorted(str(p.relative_to(REPO)) for p in needed - shipped)}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -47,17 +48,38 @@ def _torchrun(manifest: Path, out: Path, nproc: int = 2, extra=(), torchrun_args
     return _launch(["run", str(manifest), "--out", str(out), *OPTIONS, *extra], nproc, torchrun_args, wait)
 
 
+def _launch_env() -> dict[str, str]:
+    """What every launched process runs with: one CPU thread, and stacks printed when something hangs.
+
+    PYTHONFAULTHANDLER: a process sent SIGABRT prints every thread's Python stack (`_finish` does
+    that before it kills a launch that did not end), and one that crashes prints its own.
+    TORCH_DISTRIBUTED_DEBUG is not set here (a CI job may set it; it is passed on): under torch
+    2.13+cpu, DETAIL crashes DDP's constructor on gloo (SIGSEGV in `set_construction_data_and_log`,
+    every time), and INFO aborts a plain two-rank DDP script at exit about once in 30 runs
+    ("terminate called without an active exception"; 0 in 30 without it).
+    """
+    return dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
+
+
+def _no_core_files() -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the stack dump's SIGABRT writes no core file
+
+
+def _popen(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(args, env=_launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_no_core_files)
+
+
 def _launch(command: list[str], nproc: int = 2, torchrun_args=(), wait=True):
     """`torchrun ... -m batch.cli COMMAND`, one CPU thread per process."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *torchrun_args]
     if "--nnodes" not in torchrun_args:
         args += ["--master-port", str(_free_port())]
     args += ["-m", "batch.cli", *command]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _popen(args)
     if not wait:
         return proc
-    output, _ = proc.communicate(timeout=600)
+    output = _finish(proc, "the launch did not end", timeout=600)
     return proc.returncode, output
 
 
@@ -227,13 +249,56 @@ def test_train_lora_under_torchrun_an_interrupt_to_one_process_stops_both_at_one
 
 
 def _finish(proc, why: str, timeout: float = 180) -> str:
-    """The launch's output once it ends; past `timeout`, kill every process of it and fail with `why`."""
+    """The launch's output once it ends; past `timeout`, every rank prints its stacks (SIGABRT under
+    PYTHONFAULTHANDLER), then every process of the launch is killed and the test fails with `why`."""
     try:
         return proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
-        for pid in [*_rank_pids(proc.pid), proc.pid]:
-            os.kill(pid, signal.SIGKILL)
-        pytest.fail(f"{why} within {timeout} s: {proc.communicate()[0][-2000:]}")
+        workers = _live_rank_pids(proc)
+        for pid in workers:
+            _signal(pid, signal.SIGABRT)
+        try:
+            output = proc.communicate(timeout=30)[0]  # the launcher reports its failed workers and ends
+        except subprocess.TimeoutExpired:
+            for pid in [*workers, *_live_rank_pids(proc), proc.pid]:
+                _signal(pid, signal.SIGKILL)
+            output = proc.communicate()[0]
+        stacks = output[output.find("Fatal Python error"):] if "Fatal Python error" in output else output[-2000:]
+        pytest.fail(f"{why} within {timeout} s; the ranks' stacks:\n{stacks[-12000:]}")
+
+
+def _live_rank_pids(proc) -> list[int]:
+    """`_rank_pids`, or none if the launcher has just ended."""
+    try:
+        return _rank_pids(proc.pid)
+    except FileNotFoundError:
+        return []
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def test_a_launch_that_hangs_prints_every_rank_s_stack_before_it_is_killed(tmp_path):
+    """The intermittent CI hang (rank 1 in a gloo collective after rank 0 had left) gave no stacks:
+    the next one prints them. A fake launcher whose one worker waits for ever stands in for torchrun."""
+    assert _launch_env()["PYTHONFAULTHANDLER"] == "1"
+    ready = tmp_path / "waiting"
+    worker = (f"import pathlib, time\ndef waiting_in_a_collective():\n    pathlib.Path({str(ready)!r}).touch()\n"
+              "    time.sleep(600)\nwaiting_in_a_collective()\n")
+    launcher = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {worker!r}])"
+    proc = _popen([sys.executable, "-c", launcher])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not ready.exists():
+        time.sleep(0.05)
+    with pytest.raises(pytest.fail.Exception) as failed:
+        _finish(proc, "the fake launch did not end", timeout=1)
+    message = str(failed.value)
+    assert "did not end within 1 s" in message and "in waiting_in_a_collective" in message, message
+    assert proc.poll() is not None, "every process of the launch is gone"
 
 
 def test_a_single_process_run_writes_no_journal_and_keeps_wal(tmp_path):

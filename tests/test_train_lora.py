@@ -200,7 +200,9 @@ def test_an_interrupt_saves_a_checkpoint_and_exits_130(dataset, tmp_path, monkey
         def requested(self, value):
             pass
 
-    monkeypatch.setattr(lora, "GracefulStop", StopAfterTwoSteps)
+    import batch.interrupt as interrupt
+
+    monkeypatch.setattr(interrupt, "GracefulStop", StopAfterTwoSteps)  # the CLI's, handed to train_lora
     out = tmp_path / "stopped"
     assert cli("train-lora", dataset, "--out", out, *TRAIN, "--max-steps", "6", "--checkpoint-every", "5") == 130
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
@@ -244,3 +246,238 @@ def test_a_bad_dataset_or_option_exits_2_before_any_model_loads(tmp_path, monkey
     assert err.startswith("error:") and "Traceback" not in err
     assert {"caption": "0001.txt", "size": "100x100", "fp16-cpu": "fp16"}.get(problem, "") in err
     assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+ATTENTION = "to_q,to_k,to_v,to_out.0"
+
+
+@pytest.mark.parametrize("targets", [ATTENTION, "conv1,conv2", f"{ATTENTION},conv1,conv2"],
+                         ids=["attention", "conv", "both"])
+def test_load_lora_weights_applies_every_module_the_diffusers_file_holds(dataset, tmp_path, targets):
+    """The README's recipe adapts attention and convolutions: `load_lora_weights` must apply all of them
+    (a file with peft names for some modules and diffusers' older names for others loads only in part)."""
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    out = tmp_path / "lora"
+    assert cli("train-lora", dataset, "--out", out, *TRAIN, "--max-steps", "1", "--checkpoint-every", "1",
+               "--target-modules", targets) == 0
+    saved = load_file(str(out / "final" / "pytorch_lora_weights.safetensors"))
+    ups = {}  # module -> its trained up (B) matrix, whichever naming the file uses
+    for key, tensor in saved.items():
+        for up in (".lora_B.weight", ".lora.up.weight"):
+            if key.endswith(up):
+                ups[key.removeprefix("unet.").removesuffix(up)] = tensor
+    assert len(ups) * 2 == len(saved), sorted(saved)[:4]
+    wanted = targets.split(",")
+    assert all(any(name.endswith(t) for t in wanted) for name in ups)
+    assert {t for t in wanted if any(name.endswith(t) for name in ups)} == set(wanted), "every target is in the file"
+
+    pipe = StableDiffusionPipeline.from_pretrained(REPO / "models" / "tiny", safety_checker=None)
+    pipe.load_lora_weights(out / "final", weight_name="pytorch_lora_weights.safetensors", adapter_name="trained")
+    applied = set()
+    for name, module in pipe.unet.named_modules():
+        if isinstance(module, BaseTunerLayer) and "trained" in module.active_adapters and "trained" in module.lora_B:
+            weight = module.lora_B["trained"].weight.detach()
+            if name in ups and weight.abs().max() > 0 and torch.equal(weight.reshape(ups[name].shape), ups[name]):
+                applied.add(name)
+    assert len(applied) == len(ups), f"load_lora_weights applied {len(applied)} of {len(ups)} saved modules"
+
+
+def test_a_failed_adapter_write_leaves_the_previous_files_whole(tmp_path, monkeypatch):
+    """final/ is written again when a finished run is resumed for more steps: a kill or a full disk
+    halfway through must leave the previous adapter, not half a file."""
+    import safetensors.torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from batch.train.export import DIFFUSERS_NAME, save_diffusers, save_kohya
+
+    unet = UNet2DConditionModel.from_pretrained(REPO / "models" / "tiny", subfolder="unet")
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False, target_modules=["to_q", "conv1"]))
+    folder = tmp_path / "final"
+    paths = [save_diffusers(unet, folder, {"ss_steps": "1"}), save_kohya(unet, folder / "mine.safetensors", {"ss_steps": "1"})]
+    before = {path: load_file(str(path)) for path in paths}
+    assert paths[0].name == DIFFUSERS_NAME
+
+    real = safetensors.torch.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        real(dict(list(tensors.items())[:1]), filename, metadata=metadata)  # a part of the file, then the error
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(1.0)
+    for save in (lambda: save_diffusers(unet, folder, {"ss_steps": "2"}),
+                 lambda: save_kohya(unet, folder / "mine.safetensors", {"ss_steps": "2"})):
+        with pytest.raises(OSError):
+            save()
+    for path, tensors in before.items():
+        now = load_file(str(path))
+        assert now.keys() == tensors.keys(), f"{path.name}: {len(now)} of {len(tensors)} tensors left"
+        assert all(torch.equal(now[k], tensors[k]) for k in tensors), path.name
+
+
+def test_a_model_that_predicts_the_sample_is_refused(dataset, tmp_path, capsys):
+    """Only epsilon and v-prediction targets are trained (diffusers' trainer: "Unknown prediction type")."""
+    import shutil
+
+    model = tmp_path / "tiny-sample"
+    shutil.copytree(REPO / "models" / "tiny", model)
+    config_path = model / "scheduler" / "scheduler_config.json"
+    scheduler = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**scheduler, "prediction_type": "sample"}))
+    args = [a if a != "tiny" else str(model) for a in TRAIN]
+    capsys.readouterr()
+    assert cli("train-lora", dataset, "--out", tmp_path / "out", *args, "--max-steps", "1") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "prediction_type 'sample'" in err and "Traceback" not in err
+    assert not list((tmp_path / "out").glob("checkpoint-*")) and not (tmp_path / "out" / "final").exists()
+
+
+def _fake_gpus(monkeypatch, count: int) -> list:
+    """torch.cuda with `count` devices that records what it is handed; nothing runs on them."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    return calls
+
+
+def test_device_cuda_1_makes_gpu_1_the_one_the_accelerator_uses(dataset, tmp_path, monkeypatch):
+    """One process: accelerate's device is then "cuda", the current device; GPU 1 must be made current first."""
+    import accelerate
+    from torch.cuda._utils import _get_device_index
+
+    from batch.train.lora import LoraTrainConfig, train_lora
+
+    calls = _fake_gpus(monkeypatch, 2)
+
+    class Built(Exception):
+        pass
+
+    def accelerator(*args, **kwargs):
+        calls.append(("Accelerator", kwargs.get("cpu")))
+        raise Built  # the training itself would need the GPU
+
+    monkeypatch.setattr(accelerate, "Accelerator", accelerator)
+    with pytest.raises(Built):
+        train_lora(LoraTrainConfig(dataset, tmp_path / "out", model="tiny", device="cuda:1", max_steps=1, quiet=True))
+    assert [name for name, _ in calls] == ["set_device", "Accelerator"] and calls[1][1] is False, calls
+    assert _get_device_index(calls[0][1]) == 1, f"set_device got {calls[0][1]!r}"
+
+
+def test_device_cuda_n_under_a_launcher_is_refused(dataset, tmp_path, monkeypatch, capsys):
+    """Under torchrun every rank takes cuda:LOCAL_RANK: one GPU named for all of them is an error, not GPU 0."""
+    _fake_gpus(monkeypatch, 2)
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    args = [a if a != "cpu" else "cuda:1" for a in TRAIN]
+    capsys.readouterr()
+    assert cli("train-lora", dataset, "--out", tmp_path / "out", *args, "--max-steps", "1") == 2
+    assert "--device cuda:1 under a launcher" in capsys.readouterr().err
+
+
+def test_resume_on_a_changed_training_folder_is_refused_naming_the_change(dataset, tmp_path, capsys):
+    """The batches of each step are drawn from the examples by index: a resumed run must see the same ones."""
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    out = tmp_path / "out"
+    options = [*TRAIN, "--max-steps", "1", "--checkpoint-every", "1"]
+    assert cli("train-lora", data, "--out", out, *options) == 0
+    assert json.loads((out / "train.json").read_text())["dataset_fingerprint"]["images"] == 6
+
+    metadata = data / "metadata.jsonl"
+    rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+    image = data / rows[0]["file_name"]
+    original = image.read_bytes()
+
+    def recaption(rows_now):
+        metadata.write_text("".join(json.dumps(r) + "\n" for r in rows_now))
+
+    changes = {
+        "captions differ": lambda: recaption([{**rows[0], "text": "a blue diamond, on grass"}, *rows[1:]]),
+        "6 images then, 5 now": lambda: recaption(rows[1:]),
+        "other file names, or another order": lambda: recaption([rows[1], rows[0], *rows[2:]]),
+        "file sizes differ": lambda: Image.open(image).save(image, compress_level=0),  # same pixels, another file
+    }
+    for reason, change in changes.items():
+        change()
+        capsys.readouterr()
+        assert cli("train-lora", data, "--out", out, *options, "--max-steps", "2", "--resume", "latest") == 2, reason
+        err = capsys.readouterr().err
+        assert "changed since that run began" in err and reason in err, err
+        recaption(rows)
+        image.write_bytes(original)
+    assert not (out / "checkpoint-2").exists()
+    moved = tmp_path / "moved"  # the same images elsewhere: the same training folder
+    data.rename(moved)
+    assert cli("train-lora", moved, "--out", out, *options, "--max-steps", "2", "--resume", "latest") == 0
+    assert (out / "checkpoint-2").is_dir()
+
+
+COLLECTIVES = ("wait_for_everyone", "reduce", "gather", "check_trigger", "save_state", "load_state")
+
+
+@pytest.mark.parametrize("ending", ["finished", "interrupted"])
+def test_training_ends_as_diffusers_trainers_do_no_collective_once_final_is_written(dataset, tmp_path, monkeypatch,
+                                                                                  ending):
+    """wait_for_everyone, the main process writes final/, end_training: once rank 0 is writing, no
+    rank may wait in a collective for it (CI saw rank 1 left in gloo after rank 0 wrote final/ and left)."""
+    import accelerate
+
+    import batch.train.lora as lora
+    from batch.context import RunContext
+    from batch.interrupt import Stop
+
+    events = []
+    for name in (*COLLECTIVES, "end_training"):
+        real = getattr(accelerate.Accelerator, name)
+
+        def spy(self, *args, _name=name, _real=real, **kwargs):
+            events.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(accelerate.Accelerator, name, spy)
+    for name in ("save_diffusers", "save_kohya"):
+        real = getattr(lora, name)
+
+        def record(unet, path, *args, _name=name, _real=real, **kwargs):
+            events.append(f"write {Path(path).relative_to(tmp_path / 'out').parts[0]}")
+            return _real(unet, path, *args, **kwargs)
+
+        monkeypatch.setattr(lora, name, record)
+
+    class StopAfterOneStep(Stop):
+        """An interrupt during step 2, as a Ctrl-C sets `requested`."""
+
+        @property
+        def requested(self):
+            return ending == "interrupted" and events.count("check_trigger") >= 1
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    config = lora.LoraTrainConfig(dataset, tmp_path / "out", model="tiny", device="cpu", batch_size=2, max_steps=3,
+                                  checkpoint_every=5, quiet=True)
+    result = lora.train_lora(config, RunContext.single("cpu", StopAfterOneStep()))
+    assert result.interrupted == (ending == "interrupted") and events.count("end_training") == 1
+    assert events[-1] == "end_training", events[-6:]
+    if ending == "interrupted":  # the checkpoint of the step every rank stopped at, then the end
+        last_check = len(events) - 1 - events[::-1].index("check_trigger")
+        assert "save_state" in events[last_check:] and "write final" not in events, events[last_check:]
+        return
+    first_final = events.index("write final")
+    after = events[first_final:-1]
+    assert all(e.startswith("write ") for e in after), f"collectives after final/ is written: {after}"
+    assert events[first_final - 1] == "wait_for_everyone" and "check_trigger" in events[first_final - 3:first_final], \
+        events[first_final - 6:]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, cli, write_jsonl
+from conftest import FAST, REPO, cli, write_jsonl
 
 
 def table_rows(text: str) -> list[list[str]]:
@@ -91,10 +91,18 @@ def test_validate_limit_and_default_batch_size(good_manifest, capsys):
     assert (report["jobs"], report["images"], report["batches"]) == (2, 4, 2)  # CPU default batch size: 4
 
 
-def test_validate_loads_no_model(good_manifest, capsys):
-    # A model that does not exist anywhere: validate must not try to resolve or load it.
-    assert cli("validate", good_manifest, "--model", "/nowhere/no-such-model", "--json") == 0
-    assert json.loads(capsys.readouterr().out)["groups"][0]["model"] == "/nowhere/no-such-model"
+def test_validate_finds_the_model_but_loads_none(good_manifest, tmp_path, capsys):
+    # The tiny model's configs without its weights: found, and never loaded (a load would fail).
+    shell = tmp_path / "model shell"
+    for config in (REPO / "models" / "tiny").rglob("*.json"):
+        target = shell / config.relative_to(REPO / "models" / "tiny")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(config, target)
+    assert cli("validate", good_manifest, "--model", shell, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["groups"][0]["model"] == str(shell)
+    # A model that exists nowhere is invalid before anything loads, as in `run`.
+    assert cli("validate", good_manifest, "--model", "/nowhere/no-such-model", "--json") == 2
+    assert "/nowhere/no-such-model" in capsys.readouterr().err
 
 
 def _assert_all_errors_listed(err: str) -> None:

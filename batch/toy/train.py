@@ -16,6 +16,11 @@ folder that `StableDiffusionPipeline.from_pretrained` loads. Stages, each with f
    CLIP contrastive loss between image and caption embeddings (a mini-CLIP);
 5. an IP-Adapter (image projection + to_k_ip/to_v_ip), everything else frozen;
 6. save the pipeline folder and the adapter; sizes and times are logged.
+
+OUT is replaced only by a whole new model: it must be empty, absent or an earlier output of
+this recipe (a folder holding nothing else, with its `training.json`), anything else is refused
+before training starts. Both are written to a temp folder beside OUT and renamed into place
+once every stage has succeeded, so a failure leaves the earlier model and adapter as they were.
 """
 from __future__ import annotations
 
@@ -23,16 +28,25 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..errors import BatchError
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+IP_ADAPTER_NAME = "ip-adapter_tiny.safetensors"
+MARKER = "training.json"  # written last into every model this recipe saves: its summary
+# what a saved model folder holds (save_pretrained's components, the index, the marker)
+MODEL_ENTRIES = {"model_index.json", MARKER, "feature_extractor", "image_encoder", "scheduler", "text_encoder",
+                 "tokenizer", "unet", "vae"}
 
 
 @dataclass(frozen=True)
@@ -459,11 +473,20 @@ SCHEDULER_CONFIG = {  # SD 1.5's noise schedule (scheduler_config.json), with v-
 
 
 def train(config: TrainConfig, out: Path, ip_out: Path) -> dict:
-    """Run every stage and save; returns what was measured (seconds per stage, sizes)."""
+    """Run every stage and save; returns what was measured (seconds per stage, sizes).
+
+    BatchError, before any stage runs, if OUT holds anything but an earlier output of this recipe.
+    """
     import torch
     from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from safetensors.torch import save_file
 
     from .tokenizer import build_tokenizer
+
+    out, ip_out = Path(out).resolve(), Path(ip_out).resolve()
+    check_outputs(out, ip_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ip_out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)
     times, started = {}, time.perf_counter()
@@ -479,51 +502,92 @@ def train(config: TrainConfig, out: Path, ip_out: Path) -> dict:
     make_posterior_deterministic(vae)
     times["vae_s"] = time.perf_counter() - mark
 
-    mark = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="tiny_tokenizer_") as tmp:
-        tokenizer = build_tokenizer(Path(tmp))
-        torch.manual_seed(config.seed)
-        text_encoder, unet = build_text_encoder(tokenizer, config), build_unet(config)
-        vision, processor = build_vision(config)
-        clip_pixels = processor(images=images, return_tensors="pt").pixel_values
-        train_main(text_encoder, unet, vision, tokenizer, latents, clip_pixels, scenes, config)
-        times["unet_s"] = time.perf_counter() - mark
+    # beside OUT (one file system, so the last step is a rename); gone, with whatever it holds, on any failure
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}-partial-", dir=out.parent) as staging:
+        model = Path(staging) / "model"
+        mark = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="tiny_tokenizer_") as tmp:
+            tokenizer = build_tokenizer(Path(tmp))
+            torch.manual_seed(config.seed)
+            text_encoder, unet = build_text_encoder(tokenizer, config), build_unet(config)
+            vision, processor = build_vision(config)
+            clip_pixels = processor(images=images, return_tensors="pt").pixel_values
+            train_main(text_encoder, unet, vision, tokenizer, latents, clip_pixels, scenes, config)
+            times["unet_s"] = time.perf_counter() - mark
 
-        pipe = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-            scheduler=PNDMScheduler.from_config(SCHEDULER_CONFIG), safety_checker=None,
-            feature_extractor=processor, image_encoder=vision, requires_safety_checker=False)
-        out = Path(out).resolve()
-        if out.exists():
-            shutil.rmtree(out)
-        pipe.save_pretrained(out, safe_serialization=True)
-        for name in ("vocab.json", "merges.txt"):  # the slow CLIPTokenizer of transformers 4 needs them
-            if not (out / "tokenizer" / name).exists():
-                shutil.copyfile(Path(tmp) / name, out / "tokenizer" / name)
-    _normalise_model_index(out)
-    _prefix_text_encoder_keys(out)
+            pipe = StableDiffusionPipeline(
+                vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                scheduler=PNDMScheduler.from_config(SCHEDULER_CONFIG), safety_checker=None,
+                feature_extractor=processor, image_encoder=vision, requires_safety_checker=False)
+            pipe.save_pretrained(model, safe_serialization=True)  # before the IP-Adapter is attached to the UNet
+            for name in ("vocab.json", "merges.txt"):  # the slow CLIPTokenizer of transformers 4 needs them
+                if not (model / "tokenizer" / name).exists():
+                    shutil.copyfile(Path(tmp) / name, model / "tokenizer" / name)
+        _normalise_model_index(model)
+        _prefix_text_encoder_keys(model)
 
-    mark = time.perf_counter()
-    modules = attach_ip_adapter(pipe, config)
-    train_ip_adapter(pipe, modules, latents, clip_pixels, scenes, config)
-    from safetensors.torch import save_file
+        mark = time.perf_counter()
+        modules = attach_ip_adapter(pipe, config)
+        train_ip_adapter(pipe, modules, latents, clip_pixels, scenes, config)
+        adapter = Path(staging) / IP_ADAPTER_NAME
+        save_file(ip_adapter_state_dict(pipe), str(adapter), metadata={"format": "pt"})
+        times["ip_adapter_s"] = time.perf_counter() - mark
+        times["total_s"] = time.perf_counter() - started
 
-    ip_out = Path(ip_out).resolve()
-    ip_out.mkdir(parents=True, exist_ok=True)
-    save_file(ip_adapter_state_dict(pipe), str(ip_out / "ip-adapter_tiny.safetensors"), metadata={"format": "pt"})
-    times["ip_adapter_s"] = time.perf_counter() - mark
-    times["total_s"] = time.perf_counter() - started
+        sizes = {"model_bytes": sum(p.stat().st_size for p in model.rglob("*") if p.is_file()),
+                 "ip_adapter_bytes": adapter.stat().st_size}
+        params = {name: sum(p.numel() for p in module.parameters()) for name, module in
+                  (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("image_encoder", vision))}
+        summary = {"config": asdict(config), "seconds": {k: round(v, 1) for k, v in times.items()}, **sizes,
+                   "parameters": params, "threads": torch.get_num_threads()}
+        (model / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
 
-    sizes = {name: sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) for name, folder in
-             (("model_bytes", out), ("ip_adapter_bytes", ip_out))}
-    params = {name: sum(p.numel() for p in module.parameters()) for name, module in
-              (("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("image_encoder", vision))}
-    summary = {"config": asdict(config), "seconds": {k: round(v, 1) for k, v in times.items()}, **sizes,
-               "parameters": params, "threads": torch.get_num_threads()}
-    (out / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+        # every stage succeeded: only now do the earlier model and adapter go
+        shutil.copyfile(adapter, ip_out / f".{IP_ADAPTER_NAME}.partial")
+        os.replace(ip_out / f".{IP_ADAPTER_NAME}.partial", ip_out / IP_ADAPTER_NAME)
+        _replace_folder(model, out, Path(staging))
     log.info("trained in %.1f min; model %.1f MB, IP-Adapter %.2f MB; parameters %s", times["total_s"] / 60,
              sizes["model_bytes"] / 1e6, sizes["ip_adapter_bytes"] / 1e6, params)
     return summary
+
+
+def check_outputs(out: Path, ip_out: Path) -> None:
+    """BatchError unless OUT is absent, empty or an earlier output of this recipe, and IP_OUT a folder outside it."""
+    if out.exists() and not out.is_dir():
+        raise BatchError(f"--out {out} is a file, not a model folder")
+    if out.is_dir() and any(out.iterdir()):
+        entries = {p.name for p in out.iterdir()}
+        if MARKER not in entries or not _is_summary(out / MARKER):
+            raise BatchError(f"--out {out} holds files this recipe did not write (no {MARKER} of its own): "
+                             "it would be replaced; choose an empty or new folder")
+        if entries - MODEL_ENTRIES:
+            raise BatchError(f"--out {out}: an earlier model, but also {', '.join(sorted(entries - MODEL_ENTRIES))}, "
+                             "which replacing it would delete; move them out first")
+    if ip_out.exists() and not ip_out.is_dir():
+        raise BatchError(f"--ip-out {ip_out} is a file, not a folder")
+    if ip_out == out or out in ip_out.parents:
+        raise BatchError(f"--ip-out {ip_out} is inside --out {out}, which is replaced as a whole")
+
+
+def _is_summary(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and {"config", "seconds", "model_bytes"} <= data.keys()
+
+
+def _replace_folder(new: Path, out: Path, staging: Path) -> None:
+    """Rename NEW to OUT; an earlier OUT is first renamed into STAGING, which is deleted with it."""
+    earlier = staging / "earlier"
+    if out.exists():
+        os.replace(out, earlier)
+    try:
+        os.replace(new, out)
+    except OSError:
+        if earlier.exists():
+            os.replace(earlier, out)
+        raise
 
 
 def _normalise_model_index(out_dir: Path) -> None:
@@ -593,7 +657,11 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     config = TrainConfig().scaled(args.scale) if args.scale != 1.0 else TrainConfig()
-    train(config, args.out, args.ip_out or args.out.parent / "tiny-ip-adapter")
+    try:
+        train(config, args.out, args.ip_out or args.out.parent / "tiny-ip-adapter")
+    except BatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

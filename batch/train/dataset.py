@@ -1,4 +1,4 @@
-"""A training folder, read and checked before any model loads; the order of its batches.
+"""A training folder, read and checked before any model loads; its fingerprint; the order of its batches.
 
 A training folder is what `prepare-dataset` writes (`metadata.jsonl` with `file_name` and
 `text`), or the seed layout alone: `0000.png` + `0000.txt` pairs. Every problem is listed
@@ -6,6 +6,7 @@ at once, as the manifest's are.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -104,6 +105,47 @@ def _pairs_from_metadata(folder: Path, problems: list[str]) -> list[tuple[Path, 
                 continue
         pairs.append((folder / name, caption.strip()))
     return pairs
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a resumed run must find as it was: the images (names in order, bytes, pixels) and the captions.
+
+    Cheap: files are only stat'ed. An edit that keeps an image's name and its exact size in bytes
+    goes unseen; a renamed, added, removed, reordered, resized or re-encoded image does not.
+    """
+
+    images: int
+    names: str  # digests: of the file names in order (the batches are drawn by index) ...
+    sizes: str  # ... of their sizes in bytes and in pixels ...
+    captions: str  # ... and of the captions
+
+    def changes_since(self, earlier: Fingerprint) -> list[str]:
+        """What differs from an earlier fingerprint, in words; empty when nothing does."""
+        changes = []
+        if earlier.images != self.images:
+            changes.append(f"{earlier.images} images then, {self.images} now")
+        elif earlier.names != self.names:
+            changes.append("other file names, or another order")
+        elif earlier.sizes != self.sizes:
+            changes.append("an image was replaced or edited (file sizes differ)")
+        if earlier.captions != self.captions and earlier.images == self.images:
+            changes.append("captions differ")
+        return changes
+
+
+def fingerprint(folder: Path, examples: list[Example]) -> Fingerprint:
+    """The fingerprint of a training folder's examples, as `read_dataset` returned them."""
+    folder = Path(folder)
+
+    def digest(parts) -> str:
+        return hashlib.sha256(json.dumps(list(parts), ensure_ascii=False).encode()).hexdigest()[:16]
+
+    names = [e.image.relative_to(folder).as_posix() if e.image.is_relative_to(folder) else e.image.name
+             for e in examples]
+    return Fingerprint(len(examples), digest(names),
+                       digest((e.image.stat().st_size, e.width, e.height) for e in examples),
+                       digest(e.caption for e in examples))
 
 
 class BatchOrder:

@@ -1,12 +1,14 @@
 """The trained adapter on disk: diffusers' format and kohya's (AUTOMATIC1111, ComfyUI), with the settings inside.
 
-Both are written with diffusers' own converters. The diffusers file carries the peft
-LoraConfig (so `load_lora_weights` restores alpha); the kohya file carries an `.alpha`
-per module, as kohya's trainer writes, and `ss_*` metadata that A1111 shows.
+Both are written through diffusers: `save_lora_weights` (the peft LoraConfig inside, so
+`load_lora_weights` restores alpha) and `convert_state_dict_to_kohya` (an `.alpha` per module,
+as kohya's trainer writes, and `ss_*` metadata that A1111 shows). Every file is written under a
+temp name and renamed into place, so a kill never leaves half of one where the last one was.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 DIFFUSERS_NAME = "pytorch_lora_weights.safetensors"
@@ -20,18 +22,25 @@ def unet_lora_state_dict(unet) -> dict:
 
 
 def save_diffusers(unet, folder: Path, metadata: dict[str, str] | None = None) -> Path:
-    """`folder/pytorch_lora_weights.safetensors`, as diffusers' training examples save it."""
+    """`folder/pytorch_lora_weights.safetensors`, every module under peft's names (`...conv1.lora_A.weight`).
+
+    Not through `convert_state_dict_to_diffusers`, as `train_text_to_image_lora.py` does: it renames
+    the attention projections only (`to_q.lora.down`), so convolutions would keep peft's names, and
+    `load_lora_weights` reads a whole file in the naming of its first key: such a file loads only in
+    part. peft's names throughout are what diffusers' newer trainers save and its loader reads as is.
+    """
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
 
     folder.mkdir(parents=True, exist_ok=True)
+    path = folder / DIFFUSERS_NAME
+    temp = folder / f".{DIFFUSERS_NAME}.partial"
     config = unet.peft_config["default"]
     StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=convert_state_dict_to_diffusers(unet_lora_state_dict(unet)),
-        safe_serialization=True, unet_lora_adapter_metadata=_json_safe(config.to_dict()))
-    path = folder / DIFFUSERS_NAME
+        folder, unet_lora_layers=unet_lora_state_dict(unet), weight_name=temp.name, safe_serialization=True,
+        unet_lora_adapter_metadata=_json_safe(config.to_dict()))
     if metadata:
-        _add_metadata(path, metadata)
+        _add_metadata(temp, metadata)
+    os.replace(temp, path)
     return path
 
 
@@ -46,7 +55,9 @@ def save_kohya(unet, path: Path, metadata: dict[str, str] | None = None) -> Path
     # the converter writes alpha = rank (scale 1); ours may differ, and kohya's loaders scale by alpha / rank
     tensors = {k: (torch.tensor(alpha) if k.endswith(".alpha") else v).contiguous() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
+    temp = path.with_name(f".{path.name}.partial")
+    save_file(tensors, str(temp), metadata={"format": "pt", **(metadata or {})})
+    os.replace(temp, path)
     return path
 
 
@@ -85,6 +96,7 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def _add_metadata(path: Path, extra: dict[str, str]) -> None:
+    """Rewrite a temp file with more metadata (safetensors keeps it in the header, before the tensors)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 

@@ -26,10 +26,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..config import DEFAULT_MODEL
+from ..context import RunContext
 from ..errors import BatchError
 from ..interrupt import EXIT_INTERRUPTED, GracefulStop
 from ..progress import StepProgress
-from .dataset import BatchOrder, Example, read_dataset
+from .dataset import BatchOrder, Example, Fingerprint, fingerprint, read_dataset
 from .export import DIFFUSERS_NAME, kohya_metadata, save_diffusers, save_kohya
 from .validation import ValidationSpec, validate, write_page
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 PRECISIONS = ("no", "fp16", "bf16")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # the targets _loss knows, as diffusers' LoRA example
 TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")  # every attention projection, as diffusers' LoRA example
 STATE_FILE = "trainer_state.json"
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
@@ -115,9 +117,9 @@ class TrainResult:
 
 # --- 1. check everything, before any model loads ----------------------------------------------------
 
-def check_config(config: LoraTrainConfig) -> tuple[list[Example], Path | None]:
+def check_config(config: LoraTrainConfig, context: RunContext) -> tuple[list[Example], Path | None]:
     """The dataset's examples and the checkpoint to resume from; raises BatchError (exit 2) for bad input."""
-    from ..models import resolve_device, resolve_model
+    from ..models import resolve_model
 
     for name in ("rank", "max_steps", "batch_size", "grad_accum", "checkpoint_every", "validation_images"):
         if getattr(config, name) < 1:
@@ -136,17 +138,16 @@ def check_config(config: LoraTrainConfig) -> tuple[list[Example], Path | None]:
         raise BatchError(f"--keep-checkpoints must be >= 1 but is {config.keep_checkpoints}")
     if config.validation_every is not None and config.validation_every < 1:
         raise BatchError(f"--validation-every must be >= 1 but is {config.validation_every}")
-    device = resolve_device(config.device)
-    if config.mixed_precision == "fp16" and device == "cpu":
+    if config.mixed_precision == "fp16" and context.device == "cpu":
         raise BatchError("--mixed-precision fp16 needs a CUDA device: use bf16 or no on a CPU")
     source = resolve_model(config.model)
     if source.kind == "sd15_random":
         raise BatchError("sd15-random has random weights: train on a real model (a folder, file or hub id)")
     examples = read_dataset(config.dataset, config.resolution)
-    return examples, _resume_from(config)
+    return examples, _resume_from(config, examples, context.ranks.world_size)
 
 
-def _resume_from(config: LoraTrainConfig) -> Path | None:
+def _resume_from(config: LoraTrainConfig, examples: list[Example], processes: int) -> Path | None:
     out = Path(config.out)
     existing = checkpoints(out)
     if config.resume is None:
@@ -170,12 +171,19 @@ def _resume_from(config: LoraTrainConfig) -> Path | None:
         earlier = recorded.get("settings", {})
         now = config.settings()
         changed = [f"{k}: {earlier.get(k)!r} then, {now[k]!r} now" for k in FIXED_ON_RESUME if earlier.get(k) != now[k]]
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
         earlier_processes = recorded.get("processes", processes)
         if earlier_processes != processes:  # the LR schedule and the batches of each step depend on it
             changed.append(f"processes: {earlier_processes} then, {processes} now")
         if changed:
             raise BatchError(f"cannot resume {chosen} with other settings ({'; '.join(changed)})")
+        if "dataset_fingerprint" in recorded:  # the batches of each step are drawn from the examples by index
+            dataset_changes = fingerprint(config.dataset, examples).changes_since(
+                Fingerprint(**recorded["dataset_fingerprint"]))
+            if dataset_changes:
+                raise BatchError(f"cannot resume {chosen}: the training folder {config.dataset} changed since that "
+                                 f"run began ({'; '.join(dataset_changes)}); restore it, or train with another --out")
+        else:
+            log.warning("%s predates dataset fingerprints: not checking that %s is unchanged", previous, config.dataset)
     return chosen
 
 
@@ -192,17 +200,27 @@ def checkpoints(out: Path) -> list[Path]:
 
 # --- 2. the run --------------------------------------------------------------------------------------
 
-def train_lora(config: LoraTrainConfig) -> TrainResult:
-    """The whole `train-lora` command."""
-    examples, resume_from = check_config(config)
+def train_lora(config: LoraTrainConfig, context: RunContext | None = None) -> TrainResult:
+    """The whole `train-lora` command.
+
+    `context`: this process's place among processes, its device and stop signal; by default,
+    its place in a torchrun / accelerate launch (one process if none) with Ctrl-C handlers.
+    """
+    if context is not None:
+        return _check_and_train(config, context)
+    with GracefulStop() as stop:
+        return _check_and_train(config, RunContext.launched(config.device, stop))
+
+
+def _check_and_train(config: LoraTrainConfig, context: RunContext) -> TrainResult:
+    examples, resume_from = check_config(config, context)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    with GracefulStop() as stop:
-        return _train(config, examples, resume_from, out, stop)
+    return _train(config, examples, resume_from, out, context)
 
 
 def _train(config: LoraTrainConfig, examples: list[Example], resume_from: Path | None, out: Path,
-           stop: GracefulStop) -> TrainResult:
+           context: RunContext) -> TrainResult:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -210,12 +228,15 @@ def _train(config: LoraTrainConfig, examples: list[Example], resume_from: Path |
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
-    from ..models import quiet_libraries, resolve_device
+    from ..models import quiet_libraries
 
     quiet_libraries()
-    device = resolve_device(config.device)
+    stop = context.stop
+    if context.device.startswith("cuda") and not context.ranks.distributed:
+        # one process: accelerate takes "cuda", the current device; under a launcher it sets cuda:LOCAL_RANK itself
+        torch.cuda.set_device(torch.device(context.device))
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision,
-                              cpu=device == "cpu")
+                              cpu=context.device == "cpu")
     main = accelerator.is_main_process
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -252,12 +273,12 @@ def _train(config: LoraTrainConfig, examples: list[Example], resume_from: Path |
         log.info("resumed from %s (step %d)", resume_from, step)
     order = BatchOrder(examples, config.batch_size, config.seed)
     latents = _cache_latents(examples, vae, config, accelerator.device, weight_dtype) if config.cache_latents else None
-    spec = _validation_spec(config, examples, accelerator.device)
+    spec = _validation_spec(config, examples, context.device)
     if main:
-        _write_run_file(out, config, examples, accelerator, step)
+        _write_run_file(out, config, examples, accelerator.num_processes, context.device, step)
         _trim_loss_log(out / "loss.csv", step)
         if spec and not (out / "validation" / f"step-{0:06d}" / "images" / "metadata.jsonl").is_file():
-            validate(spec, out, 0, None)
+            validate(spec, out, 0, None, stop)
     accelerator.wait_for_everyone()
 
     # 6. the loop
@@ -273,10 +294,13 @@ def _train(config: LoraTrainConfig, examples: list[Example], resume_from: Path |
                 with accelerator.accumulate(unet):
                     loss = _loss(unet, text_encoder, vae, tokenizer, noise_scheduler, examples, order, micro, latents,
                                  config, accelerator.device, weight_dtype)
-                    if not torch.isfinite(loss.detach()).all():
+                    # the mean over processes, before the check: a non-finite loss on one rank stops every rank
+                    # at this step (one raising alone would leave the others in the next collective)
+                    mean = accelerator.reduce(loss.detach(), "mean")
+                    if not torch.isfinite(mean).all():
                         kept = checkpoints(out)
                         raise TrainingError(
-                            f"the loss is {loss.item()} at step {step + 1}: training stopped; "
+                            f"the loss is {mean.item()} at step {step + 1}: training stopped; "
                             + (f"the last good checkpoint is {kept[-1]} (resume with --resume latest, perhaps "
                                "with a lower --lr)" if kept else "no checkpoint was written yet (lower --lr?)"))
                     accelerator.backward(loss)
@@ -285,7 +309,7 @@ def _train(config: LoraTrainConfig, examples: list[Example], resume_from: Path |
                     optimizer.step()
                     lr_schedule.step()
                     optimizer.zero_grad(set_to_none=True)
-                losses.append(accelerator.reduce(loss.detach(), "mean").item())
+                losses.append(mean.item())
             step += 1
             mean_loss = sum(losses) / len(losses)
             result.losses.append(mean_loss)
@@ -298,7 +322,7 @@ def _train(config: LoraTrainConfig, examples: list[Example], resume_from: Path |
             if spec and main and (step % (config.validation_every or config.checkpoint_every) == 0
                                   or step == config.max_steps):
                 with progress.paused():
-                    _validate_now(spec, out, step, accelerator.unwrap_model(unet))
+                    _validate_now(spec, out, step, accelerator.unwrap_model(unet), stop)
             accelerator.wait_for_everyone()
             if stop.requested:
                 accelerator.set_trigger()
@@ -308,28 +332,31 @@ def _train(config: LoraTrainConfig, examples: list[Example], resume_from: Path |
                 if last_saved != step:
                     _save_checkpoint(accelerator, out, step, config.keep_checkpoints)
                 log.warning("stopped at step %d; checkpoint saved: run the same command with --resume latest", step)
-                result.step, result.interrupted = step, True
-                return result
+                result.interrupted = True
+                break
 
-    # 7. save the adapter in both formats
+    # 7. save the adapter in both formats, as diffusers' trainers end: every process waits here, then the main
+    # process writes while the others leave. No collective may follow: a rank waiting in one for rank 0 would
+    # wait for ever once rank 0 has written final/ and gone.
     result.step = step
-    if main:
+    accelerator.wait_for_everyone()
+    if main and not result.interrupted:
         model = accelerator.unwrap_model(unet)
         settings = config.settings()
         meta = kohya_metadata(settings, step, len(examples), config.model)
         result.final = save_diffusers(model, out / "final", meta)
         result.kohya = save_kohya(model, out / "final" / f"{config.name or out.name}.safetensors", meta)
-        _write_run_file(out, config, examples, accelerator, step, finished=True)
+        _write_run_file(out, config, examples, accelerator.num_processes, context.device, step, finished=True)
         if spec:
             write_page(out, spec)
         log.info("adapter: %s (diffusers) and %s (kohya/A1111)", result.final, result.kohya)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    accelerator.end_training()  # destroys the process group: local, no collective
     return result
 
 
 def _load(model: str):
-    """The frozen parts of the model (tokenizer, text encoder, VAE, UNet) and its noise schedule, in fp32."""
+    """The frozen parts of the model (tokenizer, text encoder, VAE, UNet) and its noise schedule, in fp32;
+    BatchError for a model whose prediction type this trainer has no target for."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     from ..errors import ModelError
@@ -345,6 +372,10 @@ def _load(model: str):
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load model {model!r}: {e}") from e
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:  # "sample" would be trained against another target
+        raise BatchError(f"model {model!r}: its scheduler has prediction_type {prediction_type!r}; train-lora "
+                         f"trains {' or '.join(PREDICTION_TYPES)} models only")
     return pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, noise_scheduler
 
 
@@ -488,18 +519,19 @@ def _validation_spec(config: LoraTrainConfig, examples: list[Example], device) -
                           config.model, str(device))
 
 
-def _validate_now(spec: ValidationSpec, out: Path, step: int, unet) -> None:
+def _validate_now(spec: ValidationSpec, out: Path, step: int, unet, stop) -> None:
     adapter_dir = out / "validation" / f"step-{step:06d}" / "lora"
     adapter = save_diffusers(unet, adapter_dir)
-    validate(spec, out, step, adapter)
+    validate(spec, out, step, adapter, stop)
     write_page(out, spec)
 
 
-def _write_run_file(out: Path, config: LoraTrainConfig, examples, accelerator, step: int, finished: bool = False):
+def _write_run_file(out: Path, config: LoraTrainConfig, examples, processes: int, device: str, step: int,
+                    finished: bool = False):
     from ..writer import write_text_atomic
 
-    data = {"settings": config.settings(), "images": len(examples), "processes": accelerator.num_processes,
-            "device": str(accelerator.device), "step": step, "finished": finished}
+    data = {"settings": config.settings(), "images": len(examples), "processes": processes, "device": device,
+            "step": step, "finished": finished, "dataset_fingerprint": asdict(fingerprint(config.dataset, examples))}
     write_text_atomic(out / "train.json", json.dumps(data, indent=2) + "\n")
 
 
