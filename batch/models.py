@@ -235,8 +235,8 @@ class PipelineFamily:
     load_s: float
     schedulers: dict = field(default_factory=dict)
     base_scheduler_config: dict | None = None  # the model's own: every scheduler is built from it
-    adapters: object = None  # the run's AdapterStore: LoRA and IP-Adapter weights read once, before any load
-    loras: dict = field(default_factory=dict)  # reference -> adapter name, loaded once per run
+    adapters: object = None  # the run's AdapterStore: LoRA and IP-Adapter weights, checked before any load
+    loras: dict = field(default_factory=dict)  # reference -> adapter name, while loaded (one LoRA at a time)
     active_lora: tuple | None = None  # (reference, scale) now applied
     ip_image_encoder: object = None  # unload_ip_adapter() drops it from the pipeline; we keep it
     ip_attached: bool = False
