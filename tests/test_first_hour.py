@@ -117,3 +117,27 @@ def test_a_rerun_that_makes_nothing_keeps_the_first_runs_figures(tmp_path, capsy
     assert compared["new"]["run"] == 1 and compared["new"]["latest_run"] == 2 and len(compared["groups"]) == 1
     assert cli("compare", out, out) == 0
     assert "run 1 (the latest that made images; run 2 made none)" in capsys.readouterr().out
+
+
+def test_final_adapter_files_follow_the_umask(tmp_path):
+    """safetensors writes 0600 whatever the umask: a trained adapter is meant to be shared."""
+    import os
+    import stat
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from batch.train.export import save_diffusers, save_kohya
+
+    unet = UNet2DConditionModel.from_pretrained(REPO / "models" / "tiny", subfolder="unet")
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    previous = os.umask(0o022)
+    try:
+        files = [save_diffusers(unet, tmp_path / "final", {"ss_network_dim": "2"}),
+                 save_kohya(unet, tmp_path / "final" / "mine.safetensors")]
+    finally:
+        os.umask(previous)
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, f"{path.name}: {oct(stat.S_IMODE(path.stat().st_mode))}"

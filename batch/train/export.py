@@ -40,6 +40,7 @@ def save_diffusers(unet, folder: Path, metadata: dict[str, str] | None = None) -
         unet_lora_adapter_metadata=_json_safe(config.to_dict()))
     if metadata:
         _add_metadata(temp, metadata)
+    _shareable(temp)
     os.replace(temp, path)
     return path
 
@@ -57,8 +58,17 @@ def save_kohya(unet, path: Path, metadata: dict[str, str] | None = None) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.partial")
     save_file(tensors, str(temp), metadata={"format": "pt", **(metadata or {})})
+    _shareable(temp)
     os.replace(temp, path)
     return path
+
+
+def _shareable(path: Path) -> None:
+    """The mode any new file gets under the user's umask: safetensors writes 0600 whatever the umask,
+    and an adapter is made to be shared (a model site, a colleague, a web UI running as another user)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def kohya_metadata(settings: dict, steps: int, images: int, base_model: str) -> dict[str, str]:
