@@ -158,7 +158,7 @@ def test_single_prompt_with_num_writes_two_images(tmp_path):
     assert meta[0]["prompt"] == "a red fox in snow"
     # The same command again resumes: nothing is made twice.
     assert cli("--prompt", "a red fox in snow", "--num", "2", "--seed", "42", *FAST, "--out", out, "--quiet") == 0
-    assert json.loads((out / "report.json").read_text())["totals"]["skipped_from_checkpoint"] == 2
+    assert json.loads((out / "report.json").read_text())["runs"][-1]["skipped_from_checkpoint"] == 2
 
 
 def test_single_img2img_job(tmp_path, images_dir):
