@@ -286,6 +286,7 @@ def _train(config: LoraTrainConfig, examples: list[Example], resume_from: Path |
     result = TrainResult(out, step)
     last_saved = step if resume_from is not None else None
     progress = StepProgress("train-lora", config.max_steps, step, quiet=config.quiet or not main)
+    loss = mean = None
     with progress:
         while step < config.max_steps:
             losses = []
@@ -336,8 +337,7 @@ def _train(config: LoraTrainConfig, examples: list[Example], resume_from: Path |
                 break
 
     # 7. save the adapter in both formats, as diffusers' trainers end: every process waits here, then the main
-    # process writes while the others leave. No collective may follow: a rank waiting in one for rank 0 would
-    # wait for ever once rank 0 has written final/ and gone.
+    # process writes; then every process tears down together (below).
     result.step = step
     accelerator.wait_for_everyone()
     if main and not result.interrupted:
@@ -350,8 +350,26 @@ def _train(config: LoraTrainConfig, examples: list[Example], resume_from: Path |
         if spec:
             write_page(out, spec)
         log.info("adapter: %s (diffusers) and %s (kohya/A1111)", result.final, result.kohya)
-    accelerator.end_training()  # destroys the process group: local, no collective
+        del model
+    del unet, optimizer, lr_schedule, parameters, loss, mean  # the DDP wrapper (and its graph) hold the group
+    _end(accelerator)
     return result
+
+
+def _end(accelerator) -> None:
+    """Tear down on every process at once, while every peer is still there.
+
+    A rank that freed its DDP wrapper (and so its gloo process group) after rank 0 had left sat in
+    gloo's teardown for ever (CI, and 1 in 2 local runs of test_ranks' train-lora test): so every rank
+    waits until rank 0 has written final/, drops what accelerate prepared, and only then destroys the group.
+    """
+    import gc
+
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # accelerate's own references to the prepared model, optimizer and schedule
+    gc.collect()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group
 
 
 def _load(model: str):
