@@ -62,6 +62,12 @@ class AdapterStore:
     digests: dict[str, str] = field(default_factory=dict)  # LoRA reference -> content digest, as first read
     ip_adapters: dict[str, IpAdapterWeights] = field(default_factory=dict)  # by model
 
+    def merge(self, other: AdapterStore) -> None:
+        """Take what another store read and checked (the Generator checks each new adapter on its own)."""
+        self.loras.update(other.loras)
+        self.digests.update(other.digests)
+        self.ip_adapters.update(other.ip_adapters)
+
     def lora(self, reference: str) -> LoraWeights:
         """The LoRA's weights to load into a model, handed over: the store keeps only their digest."""
         return self.loras.pop(reference, None) or self._read_lora(reference, hold=False)

@@ -117,8 +117,7 @@ def _set_threads(requested: int | None, launcher: bool = False, out: Path | None
     else the free share of this process's CPUs."""
     from . import threads
 
-    previous = threads.previous_threads(out) if out is not None else None
-    threads.apply(threads.choose(requested, threads.processes_on_host() if launcher else 1, previous=previous))
+    threads.configure(requested, threads.processes_on_host() if launcher else 1, out)
 
 
 def _show_progress(on: bool) -> None:
@@ -328,9 +327,7 @@ class Generator:
             raise ManifestError("arguments", [_IndexedError(e.line, e.column, e.value, e.allowed, "call") for e in errors])
         needs = {f"lora:{job.lora}" if job.lora else None, job.image_prompt_method} - {None, "clip_embed"}
         if needs - self._checked:
-            checked = check_adapters([job], self.options)
-            self.store.loras.update(checked.loras)
-            self.store.ip_adapters.update(checked.ip_adapters)
+            self.store.merge(check_adapters([job], self.options))
             self._checked |= needs
         return job
 

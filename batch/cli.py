@@ -161,8 +161,7 @@ def _set_threads(args, out: Path | None = None) -> None:
         return
     from . import threads
 
-    previous = threads.previous_threads(out) if out is not None else None
-    threads.apply(threads.choose(args.threads, threads.processes_on_host(), previous=previous))
+    threads.configure(args.threads, threads.processes_on_host(), out)
 
 
 PREPARE_EXAMPLES = """\

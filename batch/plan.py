@@ -66,6 +66,11 @@ def auto_batch_size(device: str, width: int, height: int) -> int:
     return max(1, min(16, (8 * 512 * 512) // pixels))
 
 
+def group_key(job, default_model: str) -> tuple:
+    """What a Group shares: (model, LoRA, mode, width, height)."""
+    return (job.model or default_model, job.lora, job.mode, job.width, job.height)
+
+
 def make_plan(tasks: list[ImageTask], default_model: str, batch_size: int | None, device: str = "cpu") -> Plan:
     """Group by model, LoRA, (mode, width, height), then by batch key; keep first-seen order.
 
@@ -73,9 +78,7 @@ def make_plan(tasks: list[ImageTask], default_model: str, batch_size: int | None
     """
     groups: dict[tuple, dict[tuple, list[ImageTask]]] = {}
     for task in tasks:
-        job = task.job
-        group_key = (job.model or default_model, job.lora, job.mode, job.width, job.height)
-        groups.setdefault(group_key, {}).setdefault(job.batch_key(), []).append(task)
+        groups.setdefault(group_key(task.job, default_model), {}).setdefault(task.job.batch_key(), []).append(task)
     # All groups of one model must be adjacent so it is loaded once.
     model_rank = {m: i for i, m in enumerate(dict.fromkeys(key[0] for key in groups))}
     order = sorted(groups, key=lambda key: model_rank[key[0]])
@@ -111,8 +114,7 @@ def from_layout(tasks: list[ImageTask], batches: list[list[list]], default_model
         except KeyError as e:
             raise BatchError(f"rank 0 planned image {e.args[0]} that this rank's manifest does not have: "
                              "every rank must read the same manifest with the same options") from None
-        job = chosen[0].job
-        key = (job.model or default_model, job.lora, job.mode, job.width, job.height)
+        key = group_key(chosen[0].job, default_model)
         if key != current and members:
             groups.append(Group(*current, tuple(members)))
             members = []

@@ -104,6 +104,11 @@ def apply(choice: ThreadChoice) -> int:
     return choice.threads
 
 
+def configure(requested: int | None, processes_on_host: int = 1, out: Path | None = None) -> int:
+    """Choose (see `choose`; `out`: the output folder whose earlier run's count a rerun keeps) and set."""
+    return apply(choose(requested, processes_on_host, previous=previous_threads(out) if out is not None else None))
+
+
 def processes_on_host(environ: Mapping[str, str] = os.environ) -> int:
     """LOCAL_WORLD_SIZE as torchrun and accelerate launch set it (an entry point's business), else 1."""
     try:

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import BatchError
+from ..writer import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -543,8 +544,7 @@ def train(config: TrainConfig, out: Path, ip_out: Path) -> dict:
         (model / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
 
         # every stage succeeded: only now do the earlier model and adapter go
-        shutil.copyfile(adapter, ip_out / f".{IP_ADAPTER_NAME}.partial")
-        os.replace(ip_out / f".{IP_ADAPTER_NAME}.partial", ip_out / IP_ADAPTER_NAME)
+        write_atomic(ip_out / IP_ADAPTER_NAME, lambda f: f.write(adapter.read_bytes()))
         _replace_folder(model, out, Path(staging))
     log.info("trained in %.1f min; model %.1f MB, IP-Adapter %.2f MB; parameters %s", times["total_s"] / 60,
              sizes["model_bytes"] / 1e6, sizes["ip_adapter_bytes"] / 1e6, params)

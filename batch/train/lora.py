@@ -228,13 +228,14 @@ def _train(config: LoraTrainConfig, examples: list[Example], resume_from: Path |
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
+    from .. import devices
     from ..models import quiet_libraries
 
     quiet_libraries()
     stop = context.stop
     if context.device.startswith("cuda") and not context.ranks.distributed:
         # one process: accelerate takes "cuda", the current device; under a launcher it sets cuda:LOCAL_RANK itself
-        torch.cuda.set_device(torch.device(context.device))
+        devices.activate(context.device)
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision,
                               cpu=context.device == "cpu")
     main = accelerator.is_main_process
@@ -360,7 +361,7 @@ def _end(accelerator) -> None:
     """Tear down on every process at once, while every peer is still there.
 
     A rank that freed its DDP wrapper (and so its gloo process group) after rank 0 had left sat in
-    gloo's teardown for ever (CI, and 1 in 2 local runs of test_ranks' train-lora test): so every rank
+    gloo's teardown for ever (CI, and 1 of 8 local runs of test_ranks' train-lora test): so every rank
     waits until rank 0 has written final/, drops what accelerate prepared, and only then destroys the group.
     """
     import gc
