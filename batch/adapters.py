@@ -19,11 +19,14 @@ and must still have the content its image keys carry.
 from __future__ import annotations
 
 import hashlib
+import inspect
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BatchError, ModelError
+from .families import BY_NAME, SD, describe
 from .models import (CLIP_VISION, SD15_CONFIGS, SD15_IP_ADAPTER, TINY_IP_ADAPTER, LoadOptions, _offline,
                      resolve_model, single_file_config)
 
@@ -68,19 +71,20 @@ class AdapterStore:
         self.digests.update(other.digests)
         self.ip_adapters.update(other.ip_adapters)
 
-    def lora(self, reference: str) -> LoraWeights:
+    def lora(self, reference: str, family=SD) -> LoraWeights:
         """The LoRA's weights to load into a model, handed over: the store keeps only their digest."""
-        return self.loras.pop(reference, None) or self._read_lora(reference, hold=False)
+        return self.loras.pop(reference, None) or self._read_lora(reference, hold=False, family=family)
 
-    def lora_digest(self, reference: str) -> str:
+    def lora_digest(self, reference: str, family=SD) -> str:
         if reference not in self.digests:
-            self.digests[reference] = (self.loras.get(reference) or self._read_lora(reference, hold=True)).digest
+            self.digests[reference] = (self.loras.get(reference)
+                                       or self._read_lora(reference, hold=True, family=family)).digest
         return self.digests[reference]
 
-    def _read_lora(self, reference: str, hold: bool) -> LoraWeights:
+    def _read_lora(self, reference: str, hold: bool, family=SD) -> LoraWeights:
         """Read the file, its content checked against the first read; `hold`: keep the weights for
         their load if fewer than HELD_LORAS wait (a one-LoRA run reads its file once)."""
-        weights = read_lora(reference)
+        weights = read_lora(reference, family)
         first = self.digests.setdefault(reference, weights.digest)
         if weights.digest != first:
             raise ModelError(f"LoRA '{reference}' changed since this run read it (digest {first}, now "
@@ -117,7 +121,7 @@ class AdapterStore:
         """What the job's adapters add to its image keys: their content, not their path."""
         salt = ""
         if job.lora:
-            salt += f"|lora={self.lora_digest(job.lora)}"
+            salt += f"|lora={self.lora_digest(job.lora, BY_NAME[job.family])}"
         if job.image_prompt_method == "ip_adapter":
             salt += f"|ip_adapter={self.ip_adapter(job.model).digest}"
         return salt
@@ -141,7 +145,7 @@ def check_adapters(jobs, options: LoadOptions) -> AdapterStore:
                         "(PyTorch's scaled-dot-product attention is already memory-efficient)")
     for reference, models in loras.items():  # each read once (the first held for its load), fitted to its models
         try:
-            weights = store._read_lora(reference, hold=True)
+            weights = store._read_lora(reference, hold=True, family=describe(next(iter(models))).family)
         except ModelError as e:
             problems.append(f"{e} (needed by {_rows(sum(models.values(), []))})")
             continue
@@ -190,16 +194,14 @@ def digest(state_dict: dict, *extra) -> str:
     return h.hexdigest()[:16]
 
 
-def read_lora(reference: str) -> LoraWeights:
-    """Read a LoRA the way diffusers' `load_lora_weights` does (kohya and A1111 files converted)."""
+def read_lora(reference: str, family=SD) -> LoraWeights:
+    """Read a LoRA the way the family's `load_lora_weights` does (kohya and A1111 files converted)."""
     from .models import quiet_libraries
 
     quiet_libraries()  # before diffusers imports its pipelines, which warn
-    from diffusers import StableDiffusionPipeline
-
+    pipeline = _pipeline_class(family)
     try:
-        state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-            reference, local_files_only=_offline(), return_lora_metadata=True)
+        state_dict, alphas, metadata = _lora_state_dict(pipeline, reference)
     except Exception as e:  # diffusers raises OSError, ValueError, KeyError, SafetensorError... for bad files
         hint = " (HF_HUB_OFFLINE is set: is it in the Hugging Face cache?)" if _offline() and not Path(reference).exists() else ""
         raise ModelError(f"cannot read LoRA '{reference}'{hint}: {type(e).__name__}: {_first_line(e)}") from None
@@ -209,9 +211,33 @@ def read_lora(reference: str) -> LoraWeights:
     return LoraWeights(reference, state_dict, alphas, metadata, digest(state_dict, sorted((alphas or {}).items())))
 
 
-def load_lora(pipe, weights: LoraWeights, adapter_name: str) -> None:
-    """`load_lora_weights`, from the weights in memory: the same two diffusers calls it makes."""
+def _pipeline_class(family):
+    import diffusers
+
+    return getattr(diffusers, family.pipelines[0])
+
+
+def _lora_state_dict(pipeline, reference: str) -> tuple[dict, dict | None, dict | None]:
+    """(state dict, network alphas, metadata) from the family's `lora_state_dict`, whose returns differ
+    by family (SD3's has no alphas; Flux's gives them on request)."""
+    kwargs = {"local_files_only": _offline(), "return_lora_metadata": True}
+    if "return_alphas" in inspect.signature(pipeline.lora_state_dict).parameters:
+        kwargs["return_alphas"] = True
+    out = pipeline.lora_state_dict(reference, **kwargs)
+    if len(out) == 3:
+        return out
+    return out[0], None, out[1]
+
+
+def load_lora(pipe, weights: LoraWeights, adapter_name: str, family=SD) -> None:
+    """Load a LoRA into the family's model: SD from the weights in memory (the two diffusers calls
+    `load_lora_weights` makes); other families through their own `load_lora_weights`, which reads the
+    file again and knows each family's text encoders and conversions."""
     from diffusers import StableDiffusionPipeline
+
+    if not family.encodes_prompts_here:
+        pipe.load_lora_weights(weights.reference, adapter_name=adapter_name, local_files_only=_offline())
+        return
 
     common = dict(network_alphas=weights.network_alphas, adapter_name=adapter_name, metadata=weights.metadata,
                   _pipeline=pipe)
@@ -225,6 +251,9 @@ def _check_lora_fits(weights: LoraWeights, model: str) -> None:
     another architecture (SDXL, SD 2) fails here with the shapes that do not match."""
     from diffusers import StableDiffusionPipeline
 
+    family = describe(model).family
+    if not family.encodes_prompts_here:
+        return _check_denoiser_lora(weights, model, family)
     components = _meta_components(model)
     if components is None:
         return  # a hub model not downloaded yet (online): checked when it loads
@@ -240,6 +269,40 @@ def _check_lora_fits(weights: LoraWeights, model: str) -> None:
         StableDiffusionPipeline.load_lora_into_text_encoder(dict(weights.state_dict), text_encoder=text_encoder, **common)
     except Exception as e:  # size mismatches (RuntimeError), unknown layers (ValueError)...
         raise ModelError(f"LoRA '{weights.reference}' does not fit model '{model}': {_first_line(e, skip_header=True)}") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def _check_denoiser_lora(weights: LoraWeights, model: str, family) -> None:
+    """SDXL, SD3, Flux: the LoRA names the family's denoiser and fits its shapes (built on the meta device)."""
+    import diffusers
+    import torch
+
+    prefix = family.denoiser + "."
+    if not any(key.startswith(prefix) for key in weights.state_dict):
+        found = sorted({key.split(".")[0] for key in weights.state_dict})
+        raise ModelError(f"LoRA '{weights.reference}' does not fit model '{model}' ({family.label}): it holds "
+                         f"{', '.join(found)} weights, none for the {family.denoiser}")
+    folder = _config_folder(model)
+    if folder is None:
+        return
+    config = json.loads((Path(folder) / family.denoiser / "config.json").read_text())
+    with torch.device("meta"):
+        denoiser = getattr(diffusers, config["_class_name"]).from_config(config)
+    pipeline = _pipeline_class(family)
+    method = getattr(pipeline, f"load_lora_into_{family.denoiser}")
+    kwargs = {family.denoiser: denoiser, "adapter_name": "sdbatch_check", "low_cpu_mem_usage": True}
+    if "network_alphas" in inspect.signature(method).parameters:
+        kwargs["network_alphas"] = weights.network_alphas
+    import diffusers.utils.logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(logging.CRITICAL)
+    try:
+        method({k: v for k, v in weights.state_dict.items() if k.startswith(prefix)}, **kwargs)
+    except Exception as e:  # size mismatches, unknown layers
+        raise ModelError(f"LoRA '{weights.reference}' does not fit model '{model}' ({family.label}): "
+                         f"{_first_line(e, skip_header=True)}") from None
     finally:
         diffusers_logging.set_verbosity(level)
 
@@ -266,10 +329,8 @@ def _config_folder(model: str) -> str | None:
         source = resolve_model(model)
     except ModelError:
         return None
-    if source.kind == "folder":
+    if source.kind in ("folder", "random"):
         return source.location
-    if source.kind == "sd15_random":
-        return str(SD15_CONFIGS)
     if source.kind == "single_file":
         return str(single_file_config(Path(source.location)))
     from huggingface_hub import try_to_load_from_cache
@@ -285,7 +346,7 @@ def _has_image_encoder(model: str) -> bool | None:
     folder = _config_folder(model)
     if folder is None:
         return None
-    if resolve_model(model).kind in ("single_file", "sd15_random"):
+    if resolve_model(model).kind in ("single_file", "random"):
         return False  # loaded with image_encoder=None / built without one
     entry = json.loads((Path(folder) / "model_index.json").read_text()).get("image_encoder")
     return bool(entry and entry[0] and (Path(folder) / "image_encoder").is_dir())

@@ -221,7 +221,7 @@ class Generator:
         device = resolve_device(device)
         self.options = LoadOptions(device=device, dtype=resolve_dtype(dtype, device), offload=offload,
                                    attention_slicing=attention_slicing, vae_slicing=vae_slicing, vae_tiling=vae_tiling,
-                                   safety_checker=safety_checker, ip_adapter=ip_adapter)
+                                   safety_checker=safety_checker, ip_adapter=ip_adapter, dtype_auto=dtype == "auto")
         check_options(self.options)
         self.model, self.quiet = model, quiet
         _show_progress(not quiet)
@@ -305,7 +305,7 @@ class Generator:
             raw.setdefault("lora", self.lora[0])
             raw.setdefault("lora_scale", self.lora[1])
         job = self._job(raw)
-        tasks = job.images(pixel_salt(self.options) + self.store.salt(job))
+        tasks = job.images(pixel_salt(self.options, self.family.spec) + self.store.salt(job))
         output = generate_batch(self.family, self.conditioner, Batch(0, tuple(tasks)))
         if output.errors:
             raise RuntimeError("; ".join(f"image {i}: {e}" for i, e in sorted(output.errors.items())))

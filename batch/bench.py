@@ -117,7 +117,7 @@ def run_naive(manifest: Path, s: Settings, dtype: str, out: Path) -> Variant:
     source = resolve_model(s.model)
 
     def load(cls):
-        if source.kind == "sd15_random":  # no weights on disk: build, as from_pretrained would load
+        if source.kind == "random":  # no weights on disk: build, as from_pretrained would load
             pipe = build_random_sd15(s.device, torch_dtype)
             return pipe if cls is StableDiffusionPipeline else cls(**pipe.components)
         return cls.from_pretrained(source.location, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
@@ -131,7 +131,7 @@ def run_naive(manifest: Path, s: Settings, dtype: str, out: Path) -> Variant:
         elif "prompt_image" in row and vision is None:
             from .models import LoadOptions, _random_clip_vision
 
-            vision = (_random_clip_vision(LoadOptions(s.device, dtype)) if source.kind == "sd15_random"
+            vision = (_random_clip_vision(LoadOptions(s.device, dtype)) if source.kind == "random"
                       else (pipe.image_encoder, pipe.feature_extractor))
         else:
             return

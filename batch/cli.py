@@ -46,11 +46,15 @@ def _plan_options() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"], help="[auto: fp16 on CUDA, fp32 on CPU]")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="images per UNet call [auto: 4 on CPU, by resolution on CUDA]")
-    p.add_argument("--steps", type=_positive_int, default=Defaults.steps, help=f"denoising steps [{Defaults.steps}]")
-    p.add_argument("--cfg", type=float, default=Defaults.cfg, help=f"classifier-free guidance scale [{Defaults.cfg}]")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="denoising steps [the model family's: SD 25, SDXL 30, SD3 28, Flux-dev 28, schnell 4]")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale (Flux-dev: its embedded guidance) [the family's: SD 7.5, SDXL 5, SD3 7, "
+                        "Flux-dev 3.5, schnell 0]")
     p.add_argument("--width", type=int, default=None, help="[the model's own size: 512; tiny 128]")
     p.add_argument("--height", type=int, default=None, help="[the model's own size: 512; tiny 128]")
-    p.add_argument("--scheduler", default=Defaults.scheduler, choices=list(SCHEDULERS), help=f"[{Defaults.scheduler}]")
+    p.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
+                   help="[the family's: SD dpmpp_2m_karras, SDXL euler, SD3/Flux flow_euler; default: the model's own]")
     p.add_argument("--seed", type=int, default=0, help="run seed; rows without a seed derive theirs from (seed, id) [0]")
     p.add_argument("--skip-invalid", action="store_true", help="run the valid rows, record invalid ones as failed")
     p.add_argument("--limit", type=_positive_int, default=None, help="only the first N jobs (rows)")
@@ -361,7 +365,7 @@ def cmd_validate(args) -> int:
     device = resolve_device(args.device)  # the plan's batch sizes depend on it, as in `run`
     options = LoadOptions(device=device, dtype=resolve_dtype(args.dtype, device), offload=args.offload,
                           attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
-                          vae_tiling=args.vae_tiling, ip_adapter=args.ip_adapter)
+                          vae_tiling=args.vae_tiling, ip_adapter=args.ip_adapter, dtype_auto=args.dtype == "auto")
     if device.startswith("cuda"):
         check_options(options)
     check_adapters(jobs, options)  # what `run` checks before its first image: LoRAs, IP-Adapter, encoders

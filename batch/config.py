@@ -11,11 +11,11 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 class Defaults:
     """Per-row defaults: what an empty manifest cell means."""
 
-    steps: int = 25
-    cfg: float = 7.5
+    steps: int | None = None  # None: the family's (families.py: SD 25, SDXL 30, Flux-dev 28, schnell 4)
+    cfg: float | None = None  # None: the family's (SD 7.5, SDXL 5, Flux-dev guidance 3.5, schnell 0)
     width: int | None = None  # None: the row's model's own size (models.native_size: tiny 128, SD 1.5 512)
     height: int | None = None
-    scheduler: str = "dpmpp_2m_karras"
+    scheduler: str | None = None  # None: the family's (SD dpmpp_2m_karras, SDXL euler, SD3/Flux flow_euler)
     strength: float = 0.6  # img2img: fraction of the schedule re-run over the init image
     ip_scale: float = 0.6
     image_prompt_method: str = "ip_adapter"

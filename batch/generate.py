@@ -6,6 +6,8 @@ batch it landed in, nor on the device that draws the noise.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -177,49 +179,110 @@ def generate_batch(family: PipelineFamily, conditioner: Conditioner, batch: Batc
     if conditioner.text_lora != family.active_lora:  # switched now, or deleted after the last group
         conditioner.text_cache.clear()
         conditioner.text_lora = family.active_lora
-    ip_adapter = job.image_prompt_method == "ip_adapter"
-    family.use_ip_adapter(ip_adapter, job.ip_scale)
-    guidance = job.cfg > 1.0  # diffusers' rule: no unconditional pass at cfg <= 1
+    if family.image_prompt is not None:
+        family.use_ip_adapter(job.image_prompt_method == "ip_adapter", job.ip_scale)
 
-    # 1. Conditioning (cached per distinct prompt / prompt image)
+    # 1. Conditioning: SD's cached here (per distinct prompt / prompt image); other families' in their pipeline
     started = time.perf_counter()
-    options = {}
-    with torch.inference_mode():
-        negative = conditioner.text([t.job.negative_prompt for t in tasks])
-        if job.image_prompt_method == "clip_embed":
-            positive = conditioner.clip_embeds([t.job for t in tasks])
-        else:
-            positive = conditioner.text([t.job.prompt for t in tasks])
-        if ip_adapter:
-            options["ip_adapter_image_embeds"] = conditioner.ip_embeds([t.job for t in tasks], guidance)
+    if family.spec.encodes_prompts_here:
+        options = _encoded_prompts(conditioner, batch)
+    else:
+        options = prompt_options(family.spec, [t.job for t in tasks], _parameters(pipe))
     devices.synchronize(family.device)
     encoded = time.perf_counter()
 
     # 2. Denoising loop, inside the pipeline; latents out
     generators = [torch.Generator("cpu").manual_seed(t.seed) for t in tasks]
-    options.update(
-        prompt_embeds=positive, negative_prompt_embeds=negative,
-        num_inference_steps=steps or job.steps, guidance_scale=job.cfg,
-        generator=generators, output_type="latent",
-    )
+    options.update(num_inference_steps=steps or job.steps, guidance_scale=job.cfg, generator=generators,
+                   output_type="latent")
     if job.mode == "img2img":
-        options.update(image=_init_images(batch), strength=job.strength)
+        options.update(image=_init_images(batch), strength=job.strength)  # the size is the init image's
     else:
         options.update(width=job.width, height=job.height)
+    if "use_resolution_binning" in _parameters(pipe):
+        options["use_resolution_binning"] = False  # PixArt would otherwise draw at another size and resize
     latents = pipe(**options).images
     devices.synchronize(family.device)
     denoised = time.perf_counter()
 
     # 3. Decode, with the fp16 overflow guard
-    images, errors, notes = decode(pipe, latents, safety_checker=family.options.safety_checker)
+    if family.spec.packed_latents:
+        latents = pipe._unpack_latents(latents, job.height, job.width, pipe.vae_scale_factor)
+    images, errors, notes = decode(pipe, latents, safety_checker=family.options.safety_checker,
+                                   upcast=family.spec.vae_force_upcast)
     devices.synchronize(family.device)
     decoded = time.perf_counter()
     return BatchOutput(images, encoded - started, denoised - encoded, decoded - denoised, errors, notes)
 
 
+def _encoded_prompts(conditioner: Conditioner, batch: Batch) -> dict:
+    """SD's prompt (or CLIP image) embeddings and IP-Adapter image embeddings, from the caches."""
+    import torch
+
+    jobs = [t.job for t in batch.tasks]
+    options = {}
+    with torch.inference_mode():
+        options["negative_prompt_embeds"] = conditioner.text([j.negative_prompt for j in jobs])
+        if batch.job.image_prompt_method == "clip_embed":
+            options["prompt_embeds"] = conditioner.clip_embeds(jobs)
+        else:
+            options["prompt_embeds"] = conditioner.text([j.prompt for j in jobs])
+        if batch.job.image_prompt_method == "ip_adapter":
+            guidance = batch.job.cfg > 1.0  # diffusers' rule: no unconditional pass at cfg <= 1
+            options["ip_adapter_image_embeds"] = conditioner.ip_embeds(jobs, guidance)
+    return options
+
+
+def prompt_options(spec, jobs: list, parameters: frozenset) -> dict:
+    """The prompt arguments of a family whose pipeline encodes its prompts itself, with diffusers' own
+    fallbacks filled in row by row (prompt_2 = prompt_2 or prompt), so a batch means what each row
+    alone would; `parameters`: what the pipeline's call takes."""
+    job = jobs[0]  # the batch key makes the rest agree on whether there is a negative pass
+    options = {"prompt": [j.prompt for j in jobs]}
+    if spec.takes("prompt_2"):
+        options["prompt_2"] = [j.prompt_2 or j.prompt for j in jobs]
+    negative = "negative_prompt" in parameters
+    if spec.negative_needs_true_cfg:
+        negative = bool(job.true_cfg and job.true_cfg > 1)
+        if negative:
+            options["true_cfg_scale"] = job.true_cfg
+    elif spec.zero_empty_negative and not job.negative_prompt:
+        negative = False  # zeros, as diffusers gives a call without a negative prompt
+    if negative:
+        options["negative_prompt"] = [j.negative_prompt for j in jobs]
+        if spec.takes("negative_prompt_2"):
+            options["negative_prompt_2"] = [j.negative_prompt_2 or j.negative_prompt for j in jobs]
+    if job.max_sequence_length:
+        options["max_sequence_length"] = job.max_sequence_length
+    return options
+
+
+@functools.lru_cache(maxsize=64)
+def _call_parameters(cls) -> frozenset:
+    return frozenset(inspect.signature(cls.__call__).parameters)
+
+
+def _parameters(pipe) -> frozenset:
+    return _call_parameters(type(pipe))
+
+
 def _vae_decode(vae, latents):
-    """Latents to pixels in [-1, 1] (a seam the tests use to inject an fp16 overflow)."""
-    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    """Latents to pixels in [-1, 1], undoing the VAE's scaling as the family's pipeline does (SDXL's
+    per-channel mean and std where the VAE has them; SD3's and Flux's shift). A seam the tests use to
+    inject an fp16 overflow."""
+    import torch
+
+    config = vae.config
+    latents = latents.to(vae.dtype)
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, len(mean), 1, 1)
+        mean = torch.tensor(mean).view(shape).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(shape).to(latents.device, latents.dtype)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+    return vae.decode(latents, return_dict=False)[0]
 
 
 def _finite(tensor):
@@ -228,11 +291,12 @@ def _finite(tensor):
     return torch.isfinite(tensor.flatten(1)).all(dim=1)
 
 
-def decode(pipe, latents, safety_checker: bool = False) -> tuple[list, dict, dict]:
+def decode(pipe, latents, safety_checker: bool = False, upcast: bool = False) -> tuple[list, dict, dict]:
     """Latents to PIL images; non-finite results are decoded again in fp32.
 
     fp16 VAEs overflow on some latents (black or NaN images). Those images are decoded
     again in fp32 and the fact is recorded; an image that is still not finite fails.
+    `upcast`: a family whose pipeline decodes in fp32 when the VAE asks (SDXL's force_upcast) does so here.
     Returns (images with None for failures, {index: error}, {index: metadata notes}).
     """
     import torch
@@ -240,7 +304,10 @@ def decode(pipe, latents, safety_checker: bool = False) -> tuple[list, dict, dic
     vae = pipe.vae
     errors, notes = {}, {}
     with torch.inference_mode():
-        pixels = _vae_decode(vae, latents)
+        if upcast and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            pixels = _decode_fp32(vae, latents)
+        else:
+            pixels = _vae_decode(vae, latents)
         bad = ~(_finite(pixels) & _finite(latents))
         if bad.any():
             again = _decode_fp32(vae, latents[bad])

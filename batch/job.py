@@ -38,6 +38,11 @@ class Job:
     lora: str | None = None
     lora_scale: float | None = None
     model: str = ""  # the row's model, or the run's --model
+    family: str = "sd"  # families.Family.name of the model
+    prompt_2: str | None = None  # SDXL, SD3, Flux: the second text encoder's prompt (None: the prompt)
+    negative_prompt_2: str | None = None
+    true_cfg: float | None = None  # Flux: true classifier-free guidance scale (> 1: the negative prompt counts)
+    max_sequence_length: int | None = None  # T5 families: tokens of text (None: the pipeline's default)
     extra: tuple[tuple[str, object], ...] = ()  # unknown columns, carried into metadata
     raw: dict = field(default_factory=dict, compare=False, hash=False, repr=False)  # the row as read, for failed.jsonl
 
@@ -71,12 +76,22 @@ class Job:
             "lora": self.lora,
             "lora_scale": self.lora_scale,
             "model": self.model,
-        }
+        } | self.family_params()
+
+    def family_params(self) -> dict:
+        """The columns only some families take, where set: rows without them keep the keys they always had."""
+        params = {"prompt_2": self.prompt_2, "negative_prompt_2": self.negative_prompt_2, "true_cfg": self.true_cfg,
+                  "max_sequence_length": self.max_sequence_length}
+        return {k: v for k, v in params.items() if v is not None}
 
     def batch_key(self) -> tuple:
         """Rows with equal batch keys may share one UNet call."""
+        from .families import BY_NAME
+
+        # SDXL encodes "no negative prompt" as zeros, unlike an empty one: such rows cannot share a call.
+        zeroed = not self.negative_prompt if BY_NAME[self.family].zero_empty_negative else None
         return (self.steps, self.cfg, self.strength, self.scheduler, self.image_prompt_method, self.ip_scale,
-                self.lora_scale)
+                self.lora_scale, self.true_cfg, self.max_sequence_length, zeroed)
 
     def images(self, salt: str) -> list[ImageTask]:
         """The images this job makes; `salt` names the run-level settings that change pixels."""

@@ -17,13 +17,14 @@ from pathlib import Path
 from .config import Defaults
 from .errors import ManifestError, RowError
 from .job import FILE_COLUMNS, IMAGE_PROMPT_METHODS, MODES, Job
-from .models import HUB_ID, PRESETS, native_size
+from .families import FAMILY_COLUMNS, describe
+from .models import HUB_ID, PRESETS
 from .schedulers import SCHEDULERS
 
 COLUMNS = (
     "id", "mode", "prompt", "negative_prompt", "init_image", "strength", "prompt_image",
     "image_prompt_method", "ip_scale", "width", "height", "steps", "cfg", "seed",
-    "num_images", "scheduler", "lora", "lora_scale", "model",
+    "num_images", "scheduler", "lora", "lora_scale", "model", *FAMILY_COLUMNS,
 )
 # Names the image metadata uses itself: an extra column may not shadow them.
 RESERVED = ("file_name", "k", "sampler", "model_name")
@@ -427,6 +428,12 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
     has_prompt_image = row.raw.get("prompt_image") not in (None, "")
     inferred = "img2img" if has_init else "image_prompt" if has_prompt_image else "txt2img"
     mode = row.choice("mode", MODES, inferred)
+    model = _reference(row, "model", images.folder, images.where) or defaults.model
+    info = describe(model)
+    family = info.family
+    if mode not in family.modes:
+        row.error("mode", mode, f"the {family.name} family ({info.pipeline}) has no {mode} pipeline; "
+                                f"it takes {', '.join(family.modes)}")
     if mode != "img2img" and has_init:
         row.error("init_image", raw.get("init_image"), f"only img2img rows take an init_image (mode is {mode})")
     if mode != "image_prompt" and has_prompt_image:
@@ -444,6 +451,9 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
     method = ip_scale = strength = None
     if mode == "image_prompt":
         method = row.choice("image_prompt_method", IMAGE_PROMPT_METHODS, defaults.image_prompt_method)
+        if method and family.image_prompt_methods and method not in family.image_prompt_methods:
+            row.error("image_prompt_method", method, f"the {family.name} family takes "
+                                                     f"{', '.join(family.image_prompt_methods)} only")
     if mode == "img2img":
         strength = row.number("strength", float, 0.0, 1.0, defaults.strength, low_open=True)
     elif raw.get("strength") not in (None, ""):
@@ -452,19 +462,26 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
     if method == "ip_adapter":
         ip_scale = scale
 
-    model = _reference(row, "model", images.folder, images.where) or defaults.model
-    width = row.number("width", int, 8, MAX_SIDE, defaults.width or native_size(model))
-    height = row.number("height", int, 8, MAX_SIDE, defaults.height or native_size(model))
+    width = row.number("width", int, 8, MAX_SIDE, defaults.width or info.size)
+    height = row.number("height", int, 8, MAX_SIDE, defaults.height or info.size)
     for column, value in (("width", width), ("height", height)):
-        if value % 8:
-            row.error(column, value, "must be a multiple of 8")
-    steps = row.number("steps", int, 1, MAX_STEPS, defaults.steps)
-    cfg = row.number("cfg", float, 0.0, 100.0, defaults.cfg)
+        if value % info.multiple:
+            why = "" if info.multiple == 8 else f" for the {family.name} family (its latents are {info.multiple} pixels a side)"
+            row.error(column, value, f"must be a multiple of {info.multiple}{why}")
+    steps = row.number("steps", int, 1, MAX_STEPS, defaults.steps or family.steps)
+    cfg = row.number("cfg", float, 0.0, 100.0, family.cfg if defaults.cfg is None else defaults.cfg)
     num_images = row.number("num_images", int, 1, MAX_IMAGES_PER_ROW, defaults.num_images)
     seed = row.number("seed", int, 0, MAX_SEED - MAX_IMAGES_PER_ROW, None, what="an integer >= 0 (below 2**63)")
     if seed is None:
         seed = derive_seed(run_seed, job_id)
-    scheduler = row.choice("scheduler", tuple(SCHEDULERS), defaults.scheduler)
+    scheduler = row.choice("scheduler", tuple(SCHEDULERS), defaults.scheduler or family.scheduler)
+    if scheduler not in family.schedulers:
+        row.error("scheduler", scheduler, f"the {family.name} family ({info.pipeline}) takes "
+                                          f"{', '.join(family.schedulers)}")
+    extras = _family_columns(row, family)
+    default_negative = defaults.negative_prompt
+    if family.negative_needs_true_cfg and not (extras["true_cfg"] and extras["true_cfg"] > 1):
+        default_negative = ""  # the run's --negative-prompt means nothing to Flux without true CFG
     if strength is not None and int(steps * strength) < 1:  # diffusers runs int(steps * strength) steps
         row.error("strength", strength, f"strength x steps must give at least one step (steps is {steps})")
 
@@ -472,6 +489,8 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
     lora_scale = row.number("lora_scale", float, -10.0, 10.0, 1.0 if lora else None)
     if lora is None and not row.text("lora") and raw.get("lora_scale") not in (None, ""):  # a bad lora: said once
         row.error("lora_scale", raw["lora_scale"], "lora_scale needs a lora on the same row")
+    if lora and not family.lora:
+        row.error("lora", raw.get("lora"), f"the {family.name} family ({info.pipeline}) takes no LoRA here")
 
     extra = tuple((k, v) for k, v in raw.items() if k not in COLUMNS and k not in ANNOTATIONS)
     for column, value in extra:
@@ -482,15 +501,38 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
     job = Job(
         id=job_id, line=line, stem=stem, mode=mode,
         prompt=prompt or "",
-        negative_prompt=negative if negative is not None else defaults.negative_prompt,
+        negative_prompt=negative if negative is not None else default_negative,
         width=width, height=height, steps=steps, cfg=cfg, seed=seed, num_images=num_images,
         scheduler=scheduler, strength=strength,
         init_image=init_image, init_image_sha=init_sha,
         prompt_image=prompt_image, prompt_image_sha=prompt_sha,
         image_prompt_method=method, ip_scale=ip_scale, lora=lora, lora_scale=lora_scale, model=model,
-        extra=extra, raw=raw,
+        family=family.name, **extras, extra=extra, raw=raw,
     )
     return job, []
+
+
+def _family_columns(row: _Row, family) -> dict:
+    """prompt_2, negative_prompt_2, true_cfg and max_sequence_length, on the families that take them."""
+    values = {}
+    for column in FAMILY_COLUMNS:
+        given = row.raw.get(column) not in (None, "")
+        if given and not family.takes(column):
+            row.error(column, row.raw[column], f"the {family.name} family takes no {column}")
+        values[column] = None
+    if family.takes("prompt_2"):
+        values["prompt_2"] = row.text("prompt_2")
+        values["negative_prompt_2"] = row.text("negative_prompt_2")
+    if family.takes("true_cfg"):
+        values["true_cfg"] = row.number("true_cfg", float, 1.0, 100.0, None)
+    if family.takes("max_sequence_length"):
+        values["max_sequence_length"] = row.number("max_sequence_length", int, 1, family.max_sequence_length, None)
+    if family.negative_needs_true_cfg and not (values["true_cfg"] and values["true_cfg"] > 1):
+        for column in ("negative_prompt", "negative_prompt_2"):
+            if row.text(column):
+                row.error(column, row.raw[column], f"the {family.name} family has no negative prompt without true "
+                                                   "CFG: give true_cfg > 1 on the row (twice the compute)")
+    return values
 
 
 def _column_errors(rows: list[tuple[int, dict]]) -> list[RowError]:

@@ -7,8 +7,10 @@ between batches; nothing is reloaded from disk.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from . import devices
 from .errors import BatchError, ModelError
+from .families import OWN_SCHEDULER
 from .schedulers import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -32,10 +35,15 @@ SD15_IP_ADAPTER = "h94/IP-Adapter/models/ip-adapter_sd15.safetensors"
 CLIP_VISION = "openai/clip-vit-large-patch14"  # SD 1.5's text encoder family; 768-d projection
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"[\w.\-]{1,96}/[\w.\-]{1,96}")  # org/name, as the Hub allows them
-PRESETS = ("tiny", "sd15-random")  # model names that are not paths or hub ids
+# Model names that are not paths or hub ids -> their folder under MODELS_DIR. The embedded models are
+# diffusers folders with weights; the `-random` presets are the real architectures' configs only, built
+# with random weights for benchmarks (batch/presets.py). tiny-<family>: one tiny random model per family.
+PRESET_FOLDERS = {"tiny": "tiny", "sd15-random": "sd15", "sdxl-random": "sdxl", "flux-random": "flux",
+                  **{f"tiny-{name}": f"tiny-{name}" for name in ("sd2-v", "sdxl", "sd3", "flux", "flux-schnell", "pixart")}}
+PRESETS = tuple(PRESET_FOLDERS)
+RANDOM_PRESETS = ("sd15-random", "sdxl-random", "flux-random")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 OFFLOAD = ("none", "model", "sequential")
-SD15_SIZE = 512  # SD 1.5's side in pixels: the default size of models whose configs are not on disk
 HUB_TIMEOUT_S = 10  # asking the Hub whether a model exists: a dead network must not stall the run for long
 
 
@@ -44,7 +52,7 @@ class ModelSource:
     """Where a model comes from and how it loads."""
 
     name: str  # as the user wrote it
-    kind: str  # folder | hub | single_file | sd15_random
+    kind: str  # folder | hub | single_file | random (a benchmark preset: configs, random weights)
     location: str  # path or hub id
 
 
@@ -60,21 +68,18 @@ class LoadOptions:
     vae_tiling: bool = False
     safety_checker: bool = False
     ip_adapter: str | None = None  # None: the model's default (tiny's own, else h94's SD 1.5 adapter)
-    compile: bool = False  # regional torch.compile of the UNet's transformer blocks
+    compile: bool = False  # regional torch.compile of the denoiser's transformer blocks
+    dtype_auto: bool = False  # --dtype auto: each family's own precision on CUDA (see family_dtype)
 
 
 def resolve_model(name: str) -> ModelSource:
     """A model name to a source: a preset, a diffusers folder, a single file, or a hub id."""
-    if name == "tiny":
-        path = MODELS_DIR / "tiny"
+    if name in PRESET_FOLDERS:
+        path = MODELS_DIR / PRESET_FOLDERS[name]
         if not (path / "model_index.json").exists():
-            raise ModelError(f"the embedded tiny model is missing at {path}: reinstall sdbatch (the package ships it), "
-                             "or in a checkout restore models/tiny from git")
-        return ModelSource(name, "folder", str(path))
-    if name == "sd15-random":
-        if not (SD15_CONFIGS / "unet" / "config.json").exists():
-            raise ModelError(f"the SD 1.5 configs are missing at {SD15_CONFIGS}")
-        return ModelSource(name, "sd15_random", str(SD15_CONFIGS))
+            raise ModelError(f"the shipped model '{name}' is missing at {path}: reinstall sdbatch (the package ships "
+                             f"it), or in a checkout restore models/{PRESET_FOLDERS[name]} from git")
+        return ModelSource(name, "random" if name in RANDOM_PRESETS else "folder", str(path))
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
@@ -131,36 +136,15 @@ def _download_hint(name: str) -> str:
             "or point --model at a local diffusers folder or .safetensors file")
 
 
-@functools.lru_cache(maxsize=None)  # asked for every row that leaves width or height empty
 def native_size(model: str) -> int:
     """The side in pixels a model draws at: the size of rows that give no width or height.
 
-    As diffusers' pipelines default: the UNet's sample_size times the VAE's scale, from the configs
-    on disk (tiny: 128). Hub ids get SD 1.5's 512, cached or not, so a rerun's sizes never change.
-    Never raises: a model that cannot be found is reported by `resolve_model`.
+    As diffusers' pipelines default, from the configs on disk (tiny: 128, SDXL: 1024); hub ids not
+    downloaded get SD 1.5's 512. Never raises: a model that cannot be found is reported by `resolve_model`.
     """
-    import json
+    from .families import describe
 
-    path = Path(model).expanduser()
-    if model == "tiny":
-        folder = MODELS_DIR / "tiny"
-    elif model == "sd15-random":
-        folder = SD15_CONFIGS
-    elif path.is_dir():
-        folder = path
-    elif path.is_file() and path.suffix.lower() == ".safetensors":
-        try:
-            folder = single_file_config(path)
-        except Exception:  # not a checkpoint we can read: the run says so when it resolves the model
-            return SD15_SIZE
-    else:
-        return SD15_SIZE
-    try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):  # no configs, or a sample_size that is not one number
-        return SD15_SIZE
+    return describe(model).size
 
 
 def resolve_device(name: str) -> str:
@@ -228,10 +212,11 @@ class PipelineFamily:
     """One model's loaded modules, the pipeline views that share them, and what is switched on them."""
 
     model: str
-    options: LoadOptions
+    options: LoadOptions  # dtype as loaded: --dtype auto resolves per family (bf16 for SD3/Flux on CUDA)
+    spec: object  # families.Family: what this model's family takes and how it generates
     txt2img: object
-    img2img: object
-    image_prompt: object
+    img2img: object  # None where the family has no img2img pipeline
+    image_prompt: object  # None where the family takes no image prompts
     load_s: float
     schedulers: dict = field(default_factory=dict)
     base_scheduler_config: dict | None = None  # the model's own: every scheduler is built from it
@@ -254,12 +239,13 @@ class PipelineFamily:
         return {"txt2img": self.txt2img, "img2img": self.img2img, "image_prompt": self.image_prompt}[mode]
 
     def views(self) -> list:
-        return [self.txt2img, self.img2img, self.image_prompt]
+        return [v for v in (self.txt2img, self.img2img, self.image_prompt) if v is not None]
 
     def use_scheduler(self, name: str) -> None:
         """Switch every view to the named scheduler; built once per name, no weights touched."""
         if self.base_scheduler_config is None:
             self.base_scheduler_config = dict(self.txt2img.scheduler.config)
+            self.schedulers[OWN_SCHEDULER] = self.txt2img.scheduler
         if name not in self.schedulers:
             # From the model's config, never the previous scheduler's: options such as karras
             # sigmas must not leak from one batch's scheduler into the next.
@@ -281,7 +267,7 @@ class PipelineFamily:
 
                 name = "lora_" + hashlib.sha1(reference.encode()).hexdigest()[:10]
                 started = time.perf_counter()
-                load_lora(pipe, self.adapter_store().lora(reference), name)  # checked to fit before the run
+                load_lora(pipe, self.adapter_store().lora(reference, self.spec), name, self.spec)  # checked before the run
                 log.info("loaded LoRA %s in %.2fs", reference, time.perf_counter() - started)
                 self.loras[reference] = name
             pipe.enable_lora()
@@ -323,7 +309,7 @@ class PipelineFamily:
         """(encoder, processor) for clip_embed rows: the model's own, else CLIP ViT-L/14's."""
         if self.clip_vision is None:
             pipe = self.txt2img
-            if pipe.image_encoder is not None and pipe.feature_extractor is not None:
+            if getattr(pipe, "image_encoder", None) is not None and pipe.feature_extractor is not None:
                 self.clip_vision = (pipe.image_encoder, pipe.feature_extractor)
             elif self.model == "sd15-random":
                 self.clip_vision = _random_clip_vision(self.options)
@@ -341,27 +327,39 @@ class PipelineFamily:
         return None if before is None else before - devices.allocated(self.device)
 
 
+def family_dtype(options: LoadOptions, spec) -> str:
+    """--dtype auto on CUDA: the family's own half precision (bf16 for SD3/Flux, whose activations overflow fp16)."""
+    if options.dtype_auto and options.device.startswith("cuda"):
+        return spec.cuda_dtype
+    return options.dtype
+
+
 def load_family(model: str, options: LoadOptions) -> PipelineFamily:
-    """Load the model's modules once and build the txt2img, img2img and image-prompt views."""
+    """Load the model's modules once and build a view per mode its family has, all over one set of weights."""
     quiet_libraries()
-    from diffusers import StableDiffusionImg2ImgPipeline
+    from diffusers import AutoPipelineForImage2Image
+
+    from .families import describe
 
     check_options(options)
     source = resolve_model(model)
+    spec = describe(model).family
+    options = dataclasses.replace(options, dtype=family_dtype(options, spec))
     started = time.perf_counter()
-    pipe = _load_pipeline(source, options)
-    _place(pipe, options)
+    pipe = _load_pipeline(source, options, spec)
+    _place(pipe, options, spec)
     family = PipelineFamily(
-        model=model, options=options, txt2img=pipe,
-        img2img=StableDiffusionImg2ImgPipeline.from_pipe(pipe),
-        image_prompt=image_prompt_pipeline_class().from_pipe(pipe),
+        model=model, options=options, spec=spec, txt2img=pipe,
+        img2img=AutoPipelineForImage2Image.from_pipe(pipe) if "img2img" in spec.modes else None,
+        image_prompt=image_prompt_pipeline_class().from_pipe(pipe) if "image_prompt" in spec.modes else None,
         load_s=0.0,
     )
     for view in family.views():
         view.set_progress_bar_config(disable=True)
     devices.synchronize(options.device)
     family.load_s = time.perf_counter() - started
-    log.info("loaded %s (%s) on %s, %s, in %.1fs", model, source.kind, options.device, options.dtype, family.load_s)
+    log.info("loaded %s (%s, %s family, %s) on %s, %s, in %.1fs", model, source.kind, spec.name,
+             type(pipe).__name__, options.device, options.dtype, family.load_s)
     return family
 
 
@@ -385,27 +383,36 @@ def image_prompt_pipeline_class():
     return ImagePromptPipeline
 
 
-def _load_pipeline(source: ModelSource, options: LoadOptions):
-    from diffusers import StableDiffusionPipeline
+def _load_pipeline(source: ModelSource, options: LoadOptions, spec):
+    """The family's text-to-image pipeline: AutoPipelineForText2Image for folders and hub ids, the family's
+    own class for single files (with shipped configs, offline), or a benchmark preset built with random weights."""
+    import diffusers
 
     dtype = _torch_dtype(options.dtype)
-    checker = {} if options.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    checker = {}
+    if "image_prompt" in spec.modes:  # SD's safety checker and image encoder slots
+        checker = {} if options.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        if source.kind == "sd15_random":
-            return build_random_sd15(options.device, dtype)
+        if source.kind == "random":
+            from .presets import build
+
+            return build(source.name, options.device, dtype)
         if source.kind == "single_file":
-            config = single_file_config(Path(source.location))
+            config = single_file_config(Path(source.location), spec)
+            pipeline = getattr(diffusers, spec.pipelines[0])
             # config= a shipped folder keeps from_single_file offline; image_encoder=None because
             # checkpoints carry none (and the tiny config's would be looked for in the file).
-            return StableDiffusionPipeline.from_single_file(
-                source.location, config=str(config), local_files_only=True, dtype=dtype, image_encoder=None, **checker)
-        return StableDiffusionPipeline.from_pretrained(source.location, dtype=dtype, local_files_only=_offline(), **checker)
+            extra = {"image_encoder": None} if "image_prompt" in spec.modes else {}
+            return pipeline.from_single_file(source.location, config=str(config), local_files_only=True, dtype=dtype,
+                                             **extra, **checker)
+        return diffusers.AutoPipelineForText2Image.from_pretrained(
+            source.location, dtype=dtype, local_files_only=_offline(), **checker)
     except (OSError, ValueError) as e:
         hint = " (HF_HUB_OFFLINE is set and it is not in the Hugging Face cache)" if _offline() and source.kind == "hub" else ""
         raise ModelError(f"cannot load model '{source.name}'{hint}: {str(e).splitlines()[0]}") from None
 
 
-def _place(pipe, options: LoadOptions) -> None:
+def _place(pipe, options: LoadOptions, spec) -> None:
     """Device placement and the memory switches, applied to the shared modules."""
     if options.offload == "model":
         pipe.enable_model_cpu_offload(device=options.device)
@@ -419,30 +426,39 @@ def _place(pipe, options: LoadOptions) -> None:
         pipe.vae.enable_slicing()
     if options.vae_tiling:
         pipe.vae.enable_tiling()
+    denoiser = getattr(pipe, spec.denoiser)
     if options.compile:
         if options.device.startswith("cuda"):  # convolutions prefer NHWC on tensor cores
             import torch
 
-            pipe.unet.to(memory_format=torch.channels_last)
+            denoiser.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
         # Regional compilation: the repeated transformer blocks compile once and are reused,
-        # a fraction of a whole-UNet compile's time for most of its speed-up.
-        pipe.unet.compile_repeated_blocks(fullgraph=True)
+        # a fraction of a whole-model compile's time for most of its speed-up.
+        denoiser.compile_repeated_blocks(fullgraph=True)
     if options.safety_checker and getattr(pipe, "safety_checker", None) is None:
         log.warning("--safety-checker: this model ships no safety checker; images are not checked")
 
 
-def single_file_config(path: Path) -> Path:
-    """The shipped config folder that matches a single-file checkpoint (SD 1.x, or the tiny model)."""
+def single_file_config(path: Path, spec=None) -> Path:
+    """The shipped config folder that matches a single-file checkpoint: the family's real configs
+    (models/sd15, models/sdxl) or a shipped tiny model of that family with the same UNet width."""
+    from .families import single_file_family
+
+    spec = spec or single_file_family(path)
+    if spec.single_file_config is None:
+        raise ModelError(f"{path}: a {spec.label} single file holds the denoiser alone; diffusers cannot build "
+                         "the whole pipeline from it offline: use the model's diffusers folder or hub id")
+    real = MODELS_DIR / spec.single_file_config
     width = _conv_in_channels(path)
-    if width == 320:
-        return SD15_CONFIGS
-    tiny = MODELS_DIR / "tiny"
-    if width is not None and width == _tiny_conv_in_channels(tiny):
-        return tiny
-    if width is None:
-        return SD15_CONFIGS  # .ckpt: reading it means unpickling; assume SD 1.x
-    raise ModelError(f"{path}: UNet width {width} matches no shipped config (SD 1.x single files have 320)")
+    if width is None or width == 320:
+        return real  # .ckpt: reading it means unpickling; assume the family's real size
+    for folder in sorted(MODELS_DIR.glob("tiny*")):
+        if _tiny_conv_in_channels(folder) == width and (folder / "model_index.json").exists() and \
+                json.loads((folder / "model_index.json").read_text())["_class_name"] in spec.pipelines:
+            return folder
+    raise ModelError(f"{path}: UNet width {width} matches no shipped {spec.label} config "
+                     f"({spec.label} single files have 320)")
 
 
 def _conv_in_channels(path: Path) -> int | None:
@@ -458,29 +474,15 @@ def _conv_in_channels(path: Path) -> int | None:
 
 
 def _tiny_conv_in_channels(folder: Path) -> int | None:
-    import json
-
     config = folder / "unet" / "config.json"
     return json.loads(config.read_text())["block_out_channels"][0] if config.exists() else None
 
 
 def build_random_sd15(device: str, dtype):
     """The full SD 1.5 architecture from shipped configs with seeded random weights (benchmarks)."""
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from .presets import build
 
-    torch.manual_seed(0)
-    with torch.device(device):  # initialise in place: on a GPU this takes a second instead of a minute
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIGS / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIGS / "vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIGS / "text_encoder"))
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(SD15_CONFIGS / "tokenizer"),
-        unet=unet, scheduler=PNDMScheduler.from_pretrained(SD15_CONFIGS / "scheduler"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    return pipe.to(dtype=dtype)
+    return build("sd15-random", device, dtype)
 
 
 def _attach_ip_image_encoder(family: PipelineFamily, repo: str, subfolder: str) -> None:

@@ -23,10 +23,11 @@ from .checkpoint import FILE_NAME, Checkpoint, Counts, journal_name
 from .config import RunConfig
 from .context import RunContext
 from .execute import execute
+from .families import BY_NAME, SD
 from .interrupt import Stop, StopRequested
 from .lock import FolderLock
 from .manifest import Manifest, load_manifest, portable_row, read_bytes
-from .models import LoadOptions, check_options, resolve_dtype, resolve_model
+from .models import LoadOptions, check_options, family_dtype, resolve_dtype, resolve_model
 from .plan import Plan, from_layout, layout, make_plan
 from .ranks import Claims, Ranks
 from .report import write_reports
@@ -77,7 +78,7 @@ def run(config: RunConfig, context: RunContext) -> RunResult:
     for model in dict.fromkeys(job.model for job in jobs):
         resolve_model(model)  # a bad model name fails before the output folder is touched
     adapters = check_adapters(jobs, options)  # every LoRA, IP-Adapter and image encoder: before anything loads
-    tasks = [task for job in jobs for task in job.images(salt + adapters.salt(job))]
+    tasks = [task for job in jobs for task in job.images(pixel_salt(options, BY_NAME[job.family]) + adapters.salt(job))]
 
     # 2. Output folder (locked: one run at a time) and checkpoint: drop what is already done
     out = Path(config.out)
@@ -99,11 +100,11 @@ def run(config: RunConfig, context: RunContext) -> RunResult:
         file_log.close()
 
 
-def pixel_salt(options: LoadOptions) -> str:
+def pixel_salt(options: LoadOptions, family=SD) -> str:
     """The run-level settings that change pixels, for every image key (rows' own parameters and
     their adapters' content are added per job). Options that leave pixels as they are (offload,
     slicing, compile, batch size) stay out, so changing them remakes nothing."""
-    salt = f"|dtype={options.dtype}"
+    salt = f"|dtype={family_dtype(options, family)}"  # --dtype auto: the family's own on CUDA
     if options.safety_checker:
         salt += "|safety_checker"
     if options.vae_tiling:  # blends tiles: pixels change near the seams
@@ -276,7 +277,7 @@ def load_options(config: RunConfig, device: str, dtype: str) -> LoadOptions:
     return LoadOptions(
         device=device, dtype=dtype, offload=config.offload, attention_slicing=config.attention_slicing,
         vae_slicing=config.vae_slicing, vae_tiling=config.vae_tiling, safety_checker=config.safety_checker,
-        ip_adapter=config.ip_adapter, compile=config.compile)
+        ip_adapter=config.ip_adapter, compile=config.compile, dtype_auto=config.dtype == "auto")
 
 
 def run_settings(config: RunConfig, device: str, dtype: str, manifest: Manifest) -> dict:

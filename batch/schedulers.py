@@ -28,6 +28,11 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
     "pndm": SchedulerSpec("PNDMScheduler", (("skip_prk_steps", True),), "PLMS"),
     "lms": SchedulerSpec("LMSDiscreteScheduler", (), "LMS"),
     "unipc": SchedulerSpec("UniPCMultistepScheduler", (), "UniPC"),
+    # Flow matching (SD3, Flux): Euler over the model's own shifted sigmas, as their pipelines ship it.
+    "flow_euler": SchedulerSpec("FlowMatchEulerDiscreteScheduler", (), "Euler"),
+    "flow_euler_karras": SchedulerSpec("FlowMatchEulerDiscreteScheduler", (("use_karras_sigmas", True),), "Euler Karras"),
+    # The scheduler the model ships (the only one a family sdbatch does not describe in detail may use).
+    "default": SchedulerSpec("", (), "Default"),
 }
 
 
@@ -36,5 +41,7 @@ def build_scheduler(name: str, base_config):
     import diffusers
 
     spec = SCHEDULERS[name]
+    if not spec.class_name:  # "default": the model's own class and config
+        return getattr(diffusers, base_config["_class_name"]).from_config(base_config)
     cls = getattr(diffusers, spec.class_name)
     return cls.from_config(base_config, **dict(spec.options))

@@ -1,6 +1,8 @@
 """Write images and the output folder's files atomically; encode images in a small thread pool."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
@@ -9,6 +11,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+from .families import BY_NAME
 from .job import ImageTask
 from .schedulers import SCHEDULERS
 
@@ -23,18 +26,37 @@ def clean_text(text: str) -> str:
     return _CONTROL.sub(" ", text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
+@functools.lru_cache(maxsize=None)  # a checkpoint is read once a process, not once an image
+def model_hash(model: str) -> str | None:
+    """AUTOMATIC1111's "Model hash" of a single-file model (the first 10 hex digits of its sha256),
+    by which model sites and prompt readers link an image to its checkpoint; None for folders and ids."""
+    path = Path(model).expanduser()
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()[:10]
+
+
 def infotext(task: ImageTask, model: str) -> str:
     """The AUTOMATIC1111 `parameters` layout, which existing tools parse."""
     job = task.job
     lines = [clean_text(job.prompt) if job.image_prompt_method != "clip_embed" else ""]
     if job.negative_prompt:
         lines.append(f"Negative prompt: {clean_text(job.negative_prompt)}")
+    spec = BY_NAME[job.family]
+    guidance = [f"CFG scale: {job.cfg:g}"]
+    if spec.guidance_label != "CFG scale":  # Forge writes Flux-dev's embedded guidance apart from CFG
+        guidance = [f"CFG scale: {job.true_cfg or 1:g}", f"{spec.guidance_label}: {job.cfg:g}"]
     fields = [
         f"Steps: {job.steps}",
         f"Sampler: {SCHEDULERS[job.scheduler].label}",
-        f"CFG scale: {job.cfg:g}",
+        *guidance,
         f"Seed: {task.seed}",
         f"Size: {job.width}x{job.height}",
+        *([f"Model hash: {model_hash(model)}"] if model_hash(model) else []),
         f"Model: {clean_text(model).replace(',', ' ')}",
     ]
     if job.strength is not None:
@@ -66,6 +88,8 @@ def image_metadata(task: ImageTask, model: str, file_name: str) -> dict:
         "height": job.height,
         "scheduler": job.scheduler,
         "model": model,
+        "family": job.family,
+        **job.family_params(),
     }
     if job.strength is not None:
         meta.update(strength=job.strength, init_image=job.init_image)

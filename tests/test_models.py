@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 from conftest import FAST, REPO, cli, make_tiny_lora, pixels, read_metadata, write_jsonl
 
-from batch.schedulers import SCHEDULERS
+from batch.families import SD
 
 TINY = REPO / "models" / "tiny"
 
 
 def test_every_scheduler_generates(tmp_path):
-    rows = [{"id": name, "prompt": "a lighthouse", "scheduler": name, "seed": 5} for name in SCHEDULERS]
+    rows = [{"id": name, "prompt": "a lighthouse", "scheduler": name, "seed": 5} for name in SD.schedulers]
     out = tmp_path / "out"
     assert cli(write_jsonl(tmp_path / "m.jsonl", rows), *FAST, "--out", out, "--quiet") == 0
     meta = read_metadata(out)
-    assert [m["scheduler"] for m in meta] == list(SCHEDULERS)
+    assert [m["scheduler"] for m in meta] == list(SD.schedulers)
     images = {m["id"]: pixels(out / "images" / m["file_name"]) for m in meta}
     assert all(image.std() > 1 for image in images.values())
     assert np.abs(images["euler_a"] - images["ddim"]).max() > 10  # really another sampler

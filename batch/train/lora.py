@@ -141,8 +141,8 @@ def check_config(config: LoraTrainConfig, context: RunContext) -> tuple[list[Exa
     if config.mixed_precision == "fp16" and context.device == "cpu":
         raise BatchError("--mixed-precision fp16 needs a CUDA device: use bf16 or no on a CPU")
     source = resolve_model(config.model)
-    if source.kind == "sd15_random":
-        raise BatchError("sd15-random has random weights: train on a real model (a folder, file or hub id)")
+    if source.kind == "random":
+        raise BatchError(f"{config.model} has random weights: train on a real model (a folder, file or hub id)")
     examples = read_dataset(config.dataset, config.resolution)
     return examples, _resume_from(config, examples, context.ranks.world_size)
 
