@@ -196,8 +196,8 @@ def generate_batch(family: PipelineFamily, conditioner: Conditioner, batch: Batc
     options.update(num_inference_steps=steps or job.steps, guidance_scale=job.cfg, generator=generators,
                    output_type="latent")
     if job.mode == "img2img":
-        options.update(image=_init_images(batch), strength=job.strength)  # the size is the init image's
-    else:
+        options.update(image=_init_images(batch), strength=job.strength)  # resized to the row's size
+    if job.mode != "img2img" or "height" in _parameters(pipe):  # Flux's img2img would draw at its default size
         options.update(width=job.width, height=job.height)
     if "use_resolution_binning" in _parameters(pipe):
         options["use_resolution_binning"] = False  # PixArt would otherwise draw at another size and resize

@@ -403,6 +403,10 @@ def _load_pipeline(source: ModelSource, options: LoadOptions, spec):
             # config= a shipped folder keeps from_single_file offline; image_encoder=None because
             # checkpoints carry none (and the tiny config's would be looked for in the file).
             extra = {"image_encoder": None} if "image_prompt" in spec.modes else {}
+            if _same_width_text_encoders(config):  # diffusers would load CLIP-L's weights into both
+                from .single_file import load_sdxl_text_encoder_2
+
+                extra["text_encoder_2"] = load_sdxl_text_encoder_2(source.location, config).to(dtype)
             return pipeline.from_single_file(source.location, config=str(config), local_files_only=True, dtype=dtype,
                                              **extra, **checker)
         return diffusers.AutoPipelineForText2Image.from_pretrained(
@@ -459,6 +463,13 @@ def single_file_config(path: Path, spec=None) -> Path:
             return folder
     raise ModelError(f"{path}: UNet width {width} matches no shipped {spec.label} config "
                      f"({spec.label} single files have 320)")
+
+
+def _same_width_text_encoders(config: Path) -> bool:
+    """Two text encoders of one width (tiny SDXL models): see single_file.load_sdxl_text_encoder_2."""
+    widths = [json.loads(p.read_text()).get("hidden_size")
+              for p in (config / "text_encoder" / "config.json", config / "text_encoder_2" / "config.json") if p.exists()]
+    return len(widths) == 2 and widths[0] == widths[1]
 
 
 def _conv_in_channels(path: Path) -> int | None:

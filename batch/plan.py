@@ -31,6 +31,11 @@ class Group:
     batches: tuple[Batch, ...]
 
     @property
+    def family(self) -> str:
+        """families.Family.name of the group's model (every row of a group shares its model)."""
+        return self.batches[0].tasks[0].job.family
+
+    @property
     def name(self) -> str:
         """Unique within a plan: report.csv's `group` and the checkpoint tell groups apart by it."""
         lora = f"+{self.lora}" if self.lora else ""

@@ -51,7 +51,7 @@ class GroupTally:
         g, times = self.group, sorted(self.per_image_s)
         made = len(times)
         return {
-            "model": g.model, "mode": g.mode, "width": g.width, "height": g.height, "lora": g.lora,
+            "model": g.model, "family": g.family, "mode": g.mode, "width": g.width, "height": g.height, "lora": g.lora,
             "images": made, "failed": self.failed, "batches": self.batches,
             "batch_size": max(len(b.tasks) for b in g.batches),
             "working_batch_size": self.working_batch_size or max(len(b.tasks) for b in g.batches),

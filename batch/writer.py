@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import re
@@ -30,14 +29,10 @@ def clean_text(text: str) -> str:
 def model_hash(model: str) -> str | None:
     """AUTOMATIC1111's "Model hash" of a single-file model (the first 10 hex digits of its sha256),
     by which model sites and prompt readers link an image to its checkpoint; None for folders and ids."""
+    from .single_file import model_hash as file_hash
+
     path = Path(model).expanduser()
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(2**20):
-            digest.update(chunk)
-    return digest.hexdigest()[:10]
+    return file_hash(path) if path.is_file() else None
 
 
 def infotext(task: ImageTask, model: str) -> str:
