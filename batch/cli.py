@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import DEFAULT_MODEL, Defaults, RunConfig
 from .errors import BatchError
+from .models import QUANTIZE
 from .schedulers import SCHEDULERS
 
 COMMANDS = ("run", "validate", "status", "report", "compare", "bench", "prepare-dataset", "train-lora")
@@ -67,6 +68,9 @@ def _plan_options() -> argparse.ArgumentParser:
     memory.add_argument("--attention-slicing", action="store_true", help="compute attention in slices")
     memory.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
     memory.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
+    memory.add_argument("--quantize", default="none", choices=list(QUANTIZE),
+                        help="load the denoiser and T5 in 4-bit NF4 or 8-bit (bitsandbytes, CUDA): Flux-dev on a "
+                             "24 GB card [none]")
     return p
 
 
@@ -141,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--images", type=_positive_int, default=64, help="[64]")
     bench.add_argument("--width", type=int, default=512, help="[512]")
     bench.add_argument("--height", type=int, default=512, help="[512]")
-    bench.add_argument("--steps", type=_positive_int, default=20, help="[20]")
-    bench.add_argument("--cfg", type=float, default=7.5, help="[7.5]")
+    bench.add_argument("--steps", type=_positive_int, default=None, help="[the family's default]")
+    bench.add_argument("--cfg", type=float, default=None, help="[the family's default]")
     bench.add_argument("--mix", default="txt2img", choices=["txt2img", "mixed"],
                        help="txt2img, or a third each of txt2img, img2img and image_prompt, shuffled [txt2img]")
     bench.add_argument("--batch-size", type=_positive_int, default=None, help="sdbatch's batch size [auto]")
@@ -334,7 +338,7 @@ def cmd_run(args) -> int:
         fresh=args.fresh, limit=args.limit, quiet=args.quiet, compile=args.compile, defaults=_defaults(args),
         offload=args.offload, attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
         vae_tiling=args.vae_tiling, safety_checker=args.safety_checker, ip_adapter=args.ip_adapter,
-        threads=args.threads, adds_to_folder=single)
+        quantize=args.quantize, threads=args.threads, adds_to_folder=single)
     _set_threads(args, config.out)
     with GracefulStop() as stop:  # this process's place in a torchrun / accelerate launch, if any
         result = run(config, RunContext.launched(config.device, stop))
@@ -365,7 +369,8 @@ def cmd_validate(args) -> int:
     device = resolve_device(args.device)  # the plan's batch sizes depend on it, as in `run`
     options = LoadOptions(device=device, dtype=resolve_dtype(args.dtype, device), offload=args.offload,
                           attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
-                          vae_tiling=args.vae_tiling, ip_adapter=args.ip_adapter, dtype_auto=args.dtype == "auto")
+                          vae_tiling=args.vae_tiling, ip_adapter=args.ip_adapter, dtype_auto=args.dtype == "auto",
+                          quantize=args.quantize)
     if device.startswith("cuda"):
         check_options(options)
     check_adapters(jobs, options)  # what `run` checks before its first image: LoRAs, IP-Adapter, encoders

@@ -48,6 +48,7 @@ class RunConfig:
     compile: bool = False
     # Small GPUs: see README "Memory". offload: none | model | sequential.
     offload: str = "none"
+    quantize: str = "none"  # none | nf4 | int8: the denoiser and T5 loaded quantised (models.QUANTIZE)
     attention_slicing: bool = False
     vae_slicing: bool = False
     vae_tiling: bool = False

@@ -44,6 +44,11 @@ PRESETS = tuple(PRESET_FOLDERS)
 RANDOM_PRESETS = ("sd15-random", "sdxl-random", "flux-random")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 OFFLOAD = ("none", "model", "sequential")
+# --quantize: diffusers' PipelineQuantizationConfig backend and arguments (bitsandbytes; CUDA only).
+QUANTIZE = {"none": None,
+            "nf4": ("bitsandbytes_4bit", {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}),
+            "int8": ("bitsandbytes_8bit", {"load_in_8bit": True})}
+
 HUB_TIMEOUT_S = 10  # asking the Hub whether a model exists: a dead network must not stall the run for long
 
 
@@ -70,6 +75,7 @@ class LoadOptions:
     ip_adapter: str | None = None  # None: the model's default (tiny's own, else h94's SD 1.5 adapter)
     compile: bool = False  # regional torch.compile of the denoiser's transformer blocks
     dtype_auto: bool = False  # --dtype auto: each family's own precision on CUDA (see family_dtype)
+    quantize: str = "none"  # a QUANTIZE name
 
 
 def resolve_model(name: str) -> ModelSource:
@@ -180,6 +186,11 @@ def check_options(options: LoadOptions) -> None:
     """Options that need an accelerator, or that cannot go together, fail before anything loads."""
     if options.offload not in OFFLOAD:
         raise BatchError(f"--offload {options.offload}: use {', '.join(OFFLOAD)}")
+    if options.quantize not in QUANTIZE:
+        raise BatchError(f"--quantize {options.quantize}: use {', '.join(QUANTIZE)}")
+    if options.quantize != "none" and not options.device.startswith("cuda"):
+        raise BatchError(f"--quantize {options.quantize} uses bitsandbytes' CUDA kernels: it needs a CUDA device "
+                         f"(the device is {options.device})")
     if options.offload != "none" and not options.device.startswith("cuda"):
         raise BatchError(f"--offload {options.offload} moves weights between CPU and GPU memory: it needs a CUDA device "
                          f"(the device is {options.device})")
@@ -392,6 +403,9 @@ def _load_pipeline(source: ModelSource, options: LoadOptions, spec):
     checker = {}
     if "image_prompt" in spec.modes:  # SD's safety checker and image encoder slots
         checker = {} if options.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    if options.quantize != "none" and source.kind in ("random", "single_file"):
+        raise ModelError(f"--quantize applies as a diffusers folder or hub model loads; '{source.name}' is a "
+                         f"{'benchmark preset' if source.kind == 'random' else 'single file'}")
     try:
         if source.kind == "random":
             from .presets import build
@@ -409,11 +423,38 @@ def _load_pipeline(source: ModelSource, options: LoadOptions, spec):
                 extra["text_encoder_2"] = load_sdxl_text_encoder_2(source.location, config).to(dtype)
             return pipeline.from_single_file(source.location, config=str(config), local_files_only=True, dtype=dtype,
                                              **extra, **checker)
+        if options.quantize != "none":
+            checker["quantization_config"] = quantization_config(options, spec, source.location)
         return diffusers.AutoPipelineForText2Image.from_pretrained(
             source.location, dtype=dtype, local_files_only=_offline(), **checker)
     except (OSError, ValueError) as e:
         hint = " (HF_HUB_OFFLINE is set and it is not in the Hugging Face cache)" if _offline() and source.kind == "hub" else ""
         raise ModelError(f"cannot load model '{source.name}'{hint}: {str(e).splitlines()[0]}") from None
+
+
+def quantization_arguments(options: LoadOptions, spec, index: dict) -> dict:
+    """PipelineQuantizationConfig's arguments for --quantize: the family's denoiser and its T5 encoder
+    (9.5 GB in bf16; `index` is the model_index.json), computing in the run's dtype, as the diffusers
+    docs do for Flux on a 24 GB card."""
+    backend, kwargs = QUANTIZE[options.quantize]
+    if backend == "bitsandbytes_4bit":
+        kwargs = dict(kwargs, bnb_4bit_compute_dtype=_torch_dtype(options.dtype))
+    t5 = [name for name, entry in index.items() if isinstance(entry, list) and entry[-1] == "T5EncoderModel"]
+    return {"quant_backend": backend, "quant_kwargs": kwargs, "components_to_quantize": [spec.denoiser, *t5]}
+
+
+def quantization_config(options: LoadOptions, spec, location: str):
+    from diffusers import DiffusionPipeline
+    from diffusers.quantizers import PipelineQuantizationConfig
+
+    try:
+        index = DiffusionPipeline.load_config(location, local_files_only=_offline())
+    except OSError:
+        index = {}
+    try:
+        return PipelineQuantizationConfig(**quantization_arguments(options, spec, index))
+    except (ImportError, ValueError) as e:  # bitsandbytes missing or too old
+        raise ModelError(f"--quantize {options.quantize}: {str(e).splitlines()[0]} (pip install bitsandbytes)") from None
 
 
 def _place(pipe, options: LoadOptions, spec) -> None:

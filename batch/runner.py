@@ -109,6 +109,8 @@ def pixel_salt(options: LoadOptions, family=SD) -> str:
         salt += "|safety_checker"
     if options.vae_tiling:  # blends tiles: pixels change near the seams
         salt += "|vae_tiling"
+    if options.quantize != "none":
+        salt += f"|quantize={options.quantize}"
     return salt
 
 
@@ -277,7 +279,8 @@ def load_options(config: RunConfig, device: str, dtype: str) -> LoadOptions:
     return LoadOptions(
         device=device, dtype=dtype, offload=config.offload, attention_slicing=config.attention_slicing,
         vae_slicing=config.vae_slicing, vae_tiling=config.vae_tiling, safety_checker=config.safety_checker,
-        ip_adapter=config.ip_adapter, compile=config.compile, dtype_auto=config.dtype == "auto")
+        ip_adapter=config.ip_adapter, compile=config.compile, dtype_auto=config.dtype == "auto",
+        quantize=config.quantize)
 
 
 def run_settings(config: RunConfig, device: str, dtype: str, manifest: Manifest) -> dict:

@@ -313,3 +313,33 @@ def test_sdxl_single_file_runs_offline_and_names_its_hash(tmp_path):
         text = image.info["parameters"]
     assert f"Model hash: {hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:10]}" in text
     assert read_metadata(tmp_path / "file")[0]["family"] == "sdxl"
+
+
+def test_quantize_hands_diffusers_the_denoiser_and_t5_and_needs_cuda(tmp_path, capsys):
+    """--quantize nf4: what PipelineQuantizationConfig gets (checked here), the load itself on a GPU only."""
+    import torch
+
+    from batch.families import describe
+    from batch.models import LoadOptions, quantization_arguments
+
+    index = json.loads((folder("tiny-flux") / "model_index.json").read_text())
+    options = LoadOptions("cuda:0", "bf16", quantize="nf4")
+    arguments = quantization_arguments(options, describe("tiny-flux").family, index)
+    assert arguments["quant_backend"] == "bitsandbytes_4bit"
+    assert arguments["components_to_quantize"] == ["transformer", "text_encoder_2"]  # Flux's T5 is text_encoder_2
+    assert arguments["quant_kwargs"]["bnb_4bit_quant_type"] == "nf4"
+    assert arguments["quant_kwargs"]["bnb_4bit_compute_dtype"] is torch.bfloat16
+    sdxl = json.loads((folder("tiny-sdxl") / "model_index.json").read_text())
+    assert quantization_arguments(options, describe("tiny-sdxl").family, sdxl)["components_to_quantize"] == ["unet"]
+    manifest = write_jsonl(tmp_path / "m.jsonl", [_row("a", cfg=3.5)])
+    assert cli(manifest, "--model", "tiny-flux", "--device", "cpu", "--quantize", "nf4", "--out", tmp_path / "o") == 2
+    assert "--quantize nf4 uses bitsandbytes' CUDA kernels" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="bitsandbytes quantisation needs CUDA")
+def test_flux_quantized_nf4_generates_on_a_gpu(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "out"
+    manifest = write_jsonl(tmp_path / "m.jsonl", [_row("a", cfg=3.5)])
+    assert cli(manifest, "--model", "tiny-flux", "--quantize", "nf4", "--out", out, "--quiet") == 0
+    assert pixels(out / "images" / "a.png").std() > 1
