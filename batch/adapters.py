@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .errors import BatchError, ModelError
 from .families import BY_NAME, SD, describe
-from .models import (CLIP_VISION, SD15_CONFIGS, SD15_IP_ADAPTER, TINY_IP_ADAPTER, LoadOptions, _offline,
+from .models import (CLIP_VISION, SD15_CONFIGS, SD15_IP_ADAPTER, TINY_IP_ADAPTERS, LoadOptions, _offline,
                      resolve_model, single_file_config)
 
 log = logging.getLogger(__name__)
@@ -369,7 +369,8 @@ def _check_cached(repo: str, subfolder: str, what: str) -> None:
 
 def ip_adapter_location(model: str, override: str | None) -> tuple[str, str, str]:
     """(repo or folder, subfolder, weight name) of the IP-Adapter for `model`."""
-    reference = override or (str(TINY_IP_ADAPTER) if model == "tiny" else SD15_IP_ADAPTER)
+    reference = override or (str(TINY_IP_ADAPTERS[model]) if model in TINY_IP_ADAPTERS
+                             else describe(model).family.ip_adapter or SD15_IP_ADAPTER)
     path = Path(reference).expanduser()
     if path.is_file():
         return str(path.parent), "", path.name

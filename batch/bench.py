@@ -1,11 +1,12 @@
 """`bench`: sdbatch against the loop a diffusers user writes, side by side in one process.
 
 Variants run one after another on the same device over the same synthetic manifest:
-`naive` (from_pretrained pipelines, a second pipeline loaded for img2img rows, one
-`pipe(...)` call per row, `save()`), `sdbatch` (the runner with default settings) and,
-with --compile, `sdbatch-compile`. Every variant gets a warm-up that is reported on its
-own. The FLOP bound comes from FLOPs counted on the real architecture (meta tensors, no
-compute) and a matmul rate measured on the device in the same run.
+`naive` (AutoPipelineForText2Image.from_pretrained, a second pipeline loaded from disk for
+img2img rows, one `pipe(...)` call per row with what the family takes, `save()`), `sdbatch`
+(the runner with default settings) and, with --compile, `sdbatch-compile`. Every variant gets
+a warm-up that is reported on its own. Steps, CFG and image size default to the model
+family's own. The FLOP bound comes from FLOPs counted on the real architecture (meta
+tensors, no compute) and a matmul rate measured on the device in the same run.
 
 Every variant gets two rates, taken the same way for all: steady state (images ÷ generation
 time, every model load and warm-up left out, naive's lazy img2img load among them) and end
@@ -13,7 +14,9 @@ to end (images ÷ the variant's whole wall time, loads and warm-up included).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import inspect
 import json
 import logging
 import platform
@@ -24,6 +27,8 @@ from pathlib import Path
 
 from . import devices
 from .devices import synchronize as _sync
+from .errors import BatchError
+from .families import Family, ModelInfo, describe
 from .tally import percentile
 
 log = logging.getLogger(__name__)
@@ -35,6 +40,9 @@ PROMPTS = [
     "a portrait of an old fisherman, charcoal", "a field of sunflowers under storm clouds",
 ]
 NEGATIVE = "blurry, low quality"
+MIX_MODES = ("txt2img", "img2img", "image_prompt")  # --mix mixed cycles through those the family has
+CLIP_TOKENS = 77  # CLIP's context: the UNet families' text length, and SD3's CLIP half
+DENOISER_INPUTS = ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel")  # model_flops knows these
 
 
 @dataclass(frozen=True)
@@ -42,11 +50,11 @@ class Settings:
     model: str
     device: str
     images: int
-    width: int
-    height: int
-    steps: int
-    cfg: float
-    mix: str  # txt2img | mixed (a third each of txt2img, img2img, image_prompt, shuffled)
+    width: int | None  # None: the model's native size
+    height: int | None
+    steps: int | None  # None: the family's default
+    cfg: float | None
+    mix: str  # txt2img | mixed (txt2img, img2img, image_prompt in equal shares, those the family has; shuffled)
     batch_size: int | None
     compile: bool
 
@@ -66,8 +74,23 @@ class Variant:
     wall_s: float  # the whole variant, loads and warm-up included
 
 
-def synthetic_manifest(folder: Path, s: Settings) -> Path:
-    """A manifest of `images` rows with fixed seeds; mixed: a third of each mode, shuffled."""
+def resolve_settings(s: Settings, device: str, info: ModelInfo) -> Settings:
+    """What the user left out, from the model: its family's steps and CFG, its native size."""
+    return dataclasses.replace(
+        s, device=device, width=s.width or info.size, height=s.height or info.size,
+        steps=s.steps or info.family.steps, cfg=info.family.cfg if s.cfg is None else s.cfg)
+
+
+def mix_modes(mix: str, family: Family) -> tuple[str, ...]:
+    """The modes the manifest cycles through: mixed takes those of txt2img, img2img, image_prompt the family has."""
+    return ("txt2img",) if mix == "txt2img" else tuple(
+        m for m in MIX_MODES if m in family.modes and (m != "image_prompt" or "clip_embed" in family.image_prompt_methods))
+
+
+def synthetic_manifest(folder: Path, s: Settings, family: Family) -> Path:
+    """A manifest of `images` rows with fixed seeds; mixed: an equal share of each mode, shuffled.
+
+    A negative prompt only where the family takes one without true CFG (not Flux), as a user would write it."""
     from PIL import Image, ImageDraw
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,11 +98,14 @@ def synthetic_manifest(folder: Path, s: Settings) -> Path:
     picture = Image.new("RGB", (s.width, s.height), (90, 140, 200))
     ImageDraw.Draw(picture).ellipse((s.width // 4, s.height // 4, s.width * 3 // 4, s.height * 3 // 4), fill=(230, 180, 60))
     picture.save(init)
+    modes = mix_modes(s.mix, family)
     rows = []
     for i in range(s.images):
-        mode = "txt2img" if s.mix == "txt2img" else ("txt2img", "img2img", "image_prompt")[i % 3]
-        row = {"id": f"b{i:05d}", "prompt": PROMPTS[i % len(PROMPTS)], "negative_prompt": NEGATIVE, "seed": i,
+        mode = modes[i % len(modes)]
+        row = {"id": f"b{i:05d}", "prompt": PROMPTS[i % len(PROMPTS)], "seed": i,
                "steps": s.steps, "cfg": s.cfg, "width": s.width, "height": s.height}
+        if not family.negative_needs_true_cfg:
+            row["negative_prompt"] = NEGATIVE
         if mode == "img2img":
             row.update(init_image="init.png", strength=1.0)  # all steps run: the same work as txt2img
         elif mode == "image_prompt":
@@ -105,28 +131,35 @@ def _percentiles(times: list[float]) -> tuple[float, float]:
     return percentile(times, 50), percentile(times, 95)
 
 
-def run_naive(manifest: Path, s: Settings, dtype: str, out: Path) -> Variant:
-    """What a diffusers user writes from the docs: pipelines from disk, one call per row."""
+def run_naive(manifest: Path, s: Settings, dtype: str, out: Path, family: Family) -> Variant:
+    """What a diffusers user writes from the docs: AutoPipelines from disk, one call per row."""
     import torch
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image
     from PIL import Image
 
-    from .models import _torch_dtype, build_random_sd15, resolve_model
+    from .models import _torch_dtype, resolve_model
 
     torch_dtype = _torch_dtype(dtype)
     source = resolve_model(s.model)
+    # SD ships a safety checker slot; the other families' pipelines take no such argument
+    checker = {"safety_checker": None, "requires_safety_checker": False} if family.safety_checker else {}
 
-    def load(cls):
+    def load_txt2img():
         if source.kind == "random":  # no weights on disk: build, as from_pretrained would load
-            pipe = build_random_sd15(s.device, torch_dtype)
-            return pipe if cls is StableDiffusionPipeline else cls(**pipe.components)
-        return cls.from_pretrained(source.location, dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+            from .presets import build
+
+            return build(source.name, s.device, torch_dtype)
+        return AutoPipelineForText2Image.from_pretrained(source.location, dtype=torch_dtype, **checker).to(s.device)
 
     def lazy_load(row: dict, pipe) -> None:
         """The loads a docs-style loop does on the first row that needs them."""
         nonlocal img2img, vision
-        if "init_image" in row and img2img is None:  # from disk again, as people do
-            img2img = load(StableDiffusionImg2ImgPipeline).to(s.device)
+        if "init_image" in row and img2img is None:
+            if source.kind == "random":  # nothing on disk to load again: a view over the same modules
+                img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+            else:  # from disk again, as people do
+                img2img = AutoPipelineForImage2Image.from_pretrained(source.location, dtype=torch_dtype,
+                                                                     **checker).to(s.device)
             img2img.set_progress_bar_config(disable=True)
         elif "prompt_image" in row and vision is None:
             from .models import LoadOptions, _random_clip_vision
@@ -139,7 +172,7 @@ def run_naive(manifest: Path, s: Settings, dtype: str, out: Path) -> Variant:
 
     _reset_peak(s.device)
     started = time.perf_counter()
-    pipe = load(StableDiffusionPipeline).to(s.device)
+    pipe = load_txt2img()
     pipe.set_progress_bar_config(disable=True)
     _sync(s.device)
     load_s = time.perf_counter() - started
@@ -154,19 +187,23 @@ def run_naive(manifest: Path, s: Settings, dtype: str, out: Path) -> Variant:
         load_s += time.perf_counter() - loading
         t0 = time.perf_counter()
         generator = torch.Generator(s.device).manual_seed(row["seed"])
-        common = dict(negative_prompt=row["negative_prompt"], num_inference_steps=row["steps"],
-                      guidance_scale=row["cfg"], generator=generator)
+        common = dict(num_inference_steps=row["steps"], guidance_scale=row["cfg"], generator=generator)
+        if "negative_prompt" in row:
+            common["negative_prompt"] = row["negative_prompt"]
+        size = dict(width=row["width"], height=row["height"])
         if "init_image" in row:
-            image = img2img(row["prompt"], image=Image.open(manifest.parent / row["init_image"]).convert("RGB"),
-                            strength=row["strength"], **common).images[0]
+            # SD3's and Flux's img2img draw at their native size unless told, SD's at the image's (they take no size)
+            sized = size if "width" in inspect.signature(img2img.__call__).parameters else {}
+            image = img2img(prompt=row["prompt"], image=Image.open(manifest.parent / row["init_image"]).convert("RGB"),
+                            strength=row["strength"], **sized, **common).images[0]
         elif "prompt_image" in row:  # seed document 001's recipe: CLIP image embedding as prompt_embeds
             encoder, processor = vision
             pixels = processor(images=Image.open(manifest.parent / row["prompt_image"]).convert("RGB"),
                                return_tensors="pt").pixel_values.to(s.device, torch_dtype)
             embeds = encoder(pixels).image_embeds.unsqueeze(1).repeat(1, 77, 1)
-            image = pipe(prompt_embeds=embeds, width=row["width"], height=row["height"], **common).images[0]
+            image = pipe(prompt_embeds=embeds, **size, **common).images[0]
         else:
-            image = pipe(row["prompt"], width=row["width"], height=row["height"], **common).images[0]
+            image = pipe(prompt=row["prompt"], **size, **common).images[0]
         image.save(out / f"{row['id']}.png")
         _sync(s.device)
         if index == 0:
@@ -216,27 +253,89 @@ def overhead_fraction(report: dict) -> float:
     return max(0.0, (wall - inside) / wall) if wall else 0.0
 
 
-def model_flops(model: str, width: int, height: int) -> tuple[float, float]:
-    """FLOPs of one UNet evaluation (batch 1) and one VAE decode, counted on meta tensors."""
+def model_flops(model: str, width: int, height: int) -> tuple[float, float] | None:
+    """FLOPs of one denoiser evaluation (batch 1) and one VAE decode, counted on meta tensors (no memory,
+    no compute); None where the denoiser's inputs are not known here (the other AutoPipeline families)."""
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .models import SD15_CONFIGS, resolve_model
-
-    source = resolve_model(model)
-    folder = Path(source.location) if source.kind == "folder" else SD15_CONFIGS
+    info = describe(model)
+    folder = _config_folder(model, info.family)
+    if folder is None or _class_name(folder / info.family.denoiser) not in DENOISER_INPUTS:
+        return None
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
-        latents = torch.randn(1, unet.config.in_channels, height // 8, width // 8)
-        text = torch.randn(1, 77, unet.config.cross_attention_dim)
+        denoiser = _from_config(diffusers, folder / info.family.denoiser)
+        vae = _from_config(diffusers, folder / "vae")
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        inputs = _denoiser_inputs(denoiser, info, height // scale, width // scale)
+        latents = torch.randn(1, vae.config.latent_channels, height // scale, width // scale)
     with FlopCounterMode(display=False) as counter:
-        unet(latents, 10, encoder_hidden_states=text)
-    unet_flops = counter.get_total_flops()
+        denoiser(**inputs)
+    denoiser_flops = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
         vae.decode(latents)
-    return float(unet_flops), float(counter.get_total_flops())
+    return float(denoiser_flops), float(counter.get_total_flops())
+
+
+def _config_folder(model: str, family: Family) -> Path | None:
+    """The folder holding the model's configs: its own, a preset's, a single file's shipped one, a hub snapshot."""
+    from .families import _hub_snapshot
+    from .models import resolve_model, single_file_config
+
+    source = resolve_model(model)
+    if source.kind == "single_file":
+        return single_file_config(Path(source.location), family)
+    return _hub_snapshot(model) if source.kind == "hub" else Path(source.location)
+
+
+def _class_name(folder: Path) -> str | None:
+    """The model class a component folder's config names; None where there is no such config."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        return None
+
+
+def _from_config(diffusers, folder: Path):
+    """The model class its config names, built from that config (on the current default device)."""
+    cls = getattr(diffusers, _class_name(folder))
+    return cls.from_config(cls.load_config(folder))
+
+
+def _denoiser_inputs(denoiser, info: ModelInfo, height: int, width: int) -> dict:
+    """One evaluation's inputs as the family's pipeline passes them, for latents of height x width."""
+    import torch
+
+    c, name = denoiser.config, type(denoiser).__name__
+    timestep = torch.ones(1)
+    if name == "UNet2DConditionModel":
+        inputs = dict(sample=torch.randn(1, c.in_channels, height, width), timestep=timestep,
+                      encoder_hidden_states=torch.randn(1, CLIP_TOKENS, c.cross_attention_dim))
+        if c.addition_embed_type == "text_time":  # SDXL: pooled text embeds and six size/crop ids
+            inputs["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(1, c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim),
+                "time_ids": torch.randn(1, 6)}
+        return inputs
+    import diffusers
+
+    # T5 pads to the pipeline's max_sequence_length: the text tokens of every call
+    text = inspect.signature(getattr(diffusers, info.pipeline).__call__).parameters["max_sequence_length"].default
+    common = dict(timestep=timestep, pooled_projections=torch.randn(1, c.pooled_projection_dim))
+    if name == "SD3Transformer2DModel":  # CLIP's 77 tokens, then T5's
+        return dict(hidden_states=torch.randn(1, c.in_channels, height, width),
+                    encoder_hidden_states=torch.randn(1, CLIP_TOKENS + text, c.joint_attention_dim), **common)
+    tokens = (height // 2) * (width // 2)  # Flux packs 2x2 latent patches into one token
+    return dict(hidden_states=torch.randn(1, tokens, c.in_channels),
+                encoder_hidden_states=torch.randn(1, text, c.joint_attention_dim),
+                img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text, 3),
+                guidance=torch.ones(1) if c.guidance_embeds else None, **common)
+
+
+def evaluations_per_image(family: Family, steps: int, cfg: float) -> int:
+    """Denoiser evaluations per image: CFG > 1 adds an unconditional pass, except where guidance is an
+    input of the one pass (Flux's distilled guidance: its negatives need true CFG)."""
+    return steps * (2 if cfg > 1 and not family.negative_needs_true_cfg else 1)
 
 
 def matmul_rate(device: str, dtype: str) -> float:
@@ -265,24 +364,32 @@ def bench(s: Settings, out: Path) -> dict:
     import torch
 
     from . import __version__
-    from .models import quiet_libraries, resolve_device, resolve_dtype
+    from .models import LoadOptions, family_dtype, quiet_libraries, resolve_device, resolve_dtype, resolve_model
 
     quiet_libraries()
+    info = describe(s.model)
+    family = info.family
+    if resolve_model(s.model).kind == "single_file":
+        raise BatchError(f"bench compares sdbatch with from_pretrained: give it a diffusers folder, hub id or "
+                         f"preset, not the single file {s.model}")
     device = resolve_device(s.device)
-    s = Settings(**{**asdict(s), "device": device})
-    dtype = resolve_dtype("auto", device)
+    s = resolve_settings(s, device, info)
+    if s.width % info.multiple or s.height % info.multiple:
+        raise BatchError(f"{s.model} draws sides that are multiples of {info.multiple}, got {s.width}x{s.height}")
+    dtype = family_dtype(LoadOptions(device, resolve_dtype("auto", device), dtype_auto=True), family)  # as the runner's
     out.mkdir(parents=True, exist_ok=True)
-    manifest = synthetic_manifest(out / "manifest", s)
+    manifest = synthetic_manifest(out / "manifest", s, family)
 
-    variants = [run_naive(manifest, s, dtype, out / "naive")]
+    variants = [run_naive(manifest, s, dtype, out / "naive", family)]
     sdbatch, report = run_sdbatch(manifest, s, out / "sdbatch", "sdbatch", compile=False)
     variants.append(sdbatch)
     if s.compile:
         variants.append(run_sdbatch(manifest, s, out / "sdbatch-compile", "sdbatch-compile", compile=True)[0])
 
-    unet_flops, vae_flops = model_flops(s.model, s.width, s.height)
-    evaluations = s.steps * (2 if s.cfg > 1 else 1)  # CFG: conditional and unconditional
-    image_flops = evaluations * unet_flops + vae_flops
+    flops = model_flops(s.model, s.width, s.height)
+    evaluations = evaluations_per_image(family, s.steps, s.cfg)
+    denoiser_flops, vae_flops = flops or (None, None)
+    image_flops = None if flops is None else evaluations * denoiser_flops + vae_flops
     peak_rate = matmul_rate(device, dtype)
     best = max(variants[1:], key=lambda v: v.images_per_s)
     steady = _ratios(variants, "images_per_s")
@@ -290,24 +397,30 @@ def bench(s: Settings, out: Path) -> dict:
         "device": device,
         "gpu_name": devices.name(device),
         "model": s.model,
+        "family": family.name,
+        "denoiser": family.denoiser,
         "dtype": dtype,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "sdbatch": __version__,
                      "python": platform.python_version()},
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "settings": {"width": s.width, "height": s.height, "steps": s.steps, "cfg": s.cfg, "images": s.images,
                      "mix": s.mix, "batch_size": s.batch_size or "auto", "compile": s.compile},
+        "mix_modes": list(mix_modes(s.mix, family)),
         "variants": [asdict(v) for v in variants],
         "ratio_vs_naive": steady,  # kept for existing readers: the steady-state ratio
         "steady_state_ratio_vs_naive": steady,
         "end_to_end_ratio_vs_naive": _ratios(variants, "end_to_end_images_per_s"),
         "overhead_fraction": round(overhead_fraction(report), 4),
+        # None where model_flops knows no inputs for the denoiser; "unet" names kept for existing readers,
+        # the figures are the family's denoiser's (see "denoiser")
         "flops_per_image": image_flops,
-        "unet_flops_per_eval": unet_flops,
+        "unet_flops_per_eval": denoiser_flops,
         "vae_decode_flops": vae_flops,
         "matmul_flops_per_s": peak_rate,
         # significant digits, not decimals: a CPU's rate is a few hundredths of a TFLOP/s
-        "unet_tflops_per_s": float(f"{best.images_per_s * evaluations * unet_flops / 1e12:.4g}"),
-        "flop_bound_images_per_s": float(f"{peak_rate / image_flops:.4g}"),
+        "unet_tflops_per_s": None if flops is None else
+        float(f"{best.images_per_s * evaluations * denoiser_flops / 1e12:.4g}"),
+        "flop_bound_images_per_s": None if flops is None else float(f"{peak_rate / image_flops:.4g}"),
         "stages": report["stages"],
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -322,7 +435,7 @@ def _ratios(variants: list[Variant], rate: str) -> dict[str, float]:
 
 
 def markdown(result: dict) -> str:
-    s = result["settings"]
+    s, denoiser = result["settings"], {"unet": "UNet"}.get(result["denoiser"], result["denoiser"])
     lines = [
         f"# sdbatch bench: {result['model']} on {result['gpu_name'] or result['device']} ({result['dtype']})",
         "",
@@ -347,12 +460,21 @@ def markdown(result: dict) -> str:
         "and warm-up.",
         "- s/image p50/p95: naive makes one image per call, so its figure is a call's time; sdbatch's is each "
         "image's share of its batch (batch s ÷ batch size), not the latency of one image.",
-        f"- FLOPs per image: {result['flops_per_image'] / 1e12:.2f} TFLOP (UNet {result['unet_flops_per_eval'] / 1e12:.3f} "
-        f"per evaluation, VAE decode {result['vae_decode_flops'] / 1e12:.3f}); matmul rate measured now: "
-        f"{result['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s.",
-        f"- FLOP bound: {result['flop_bound_images_per_s']:.3f} images/s; UNet throughput of the best variant: "
-        f"{result['unet_tflops_per_s']:.3f} TFLOP/s.",
-        f"- sdbatch overhead (wall time outside model calls): {result['overhead_fraction'] * 100:.1f}%.",
-        "",
     ]
+    if s["mix"] == "mixed" and len(result["mix_modes"]) < len(MIX_MODES):
+        missing = [m for m in MIX_MODES if m not in result["mix_modes"]]
+        lines.append(f"- Mix mixed: {' and '.join(result['mix_modes'])} only; the {result['family']} family has no "
+                     f"{' or '.join(missing)}.")
+    if result["flops_per_image"] is None:
+        lines.append(f"- FLOP bound left out: the inputs of this model's {denoiser} are not known to bench.")
+    else:
+        lines += [
+            f"- FLOPs per image: {result['flops_per_image'] / 1e12:.2f} TFLOP ({denoiser} "
+            f"{result['unet_flops_per_eval'] / 1e12:.3f} per evaluation, VAE decode "
+            f"{result['vae_decode_flops'] / 1e12:.3f}); matmul rate measured now: "
+            f"{result['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s.",
+            f"- FLOP bound: {result['flop_bound_images_per_s']:.3f} images/s; {denoiser} throughput of the best "
+            f"variant: {result['unet_tflops_per_s']:.3f} TFLOP/s.",
+        ]
+    lines += [f"- sdbatch overhead (wall time outside model calls): {result['overhead_fraction'] * 100:.1f}%.", ""]
     return "\n".join(lines)

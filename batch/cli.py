@@ -14,7 +14,7 @@ from .errors import BatchError
 from .models import QUANTIZE
 from .schedulers import SCHEDULERS
 
-COMMANDS = ("run", "validate", "status", "report", "compare", "bench", "prepare-dataset", "train-lora")
+COMMANDS = ("run", "validate", "status", "report", "compare", "bench", "prepare-dataset", "train-lora", "export")
 
 EXAMPLES = """\
 examples:
@@ -143,16 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default="sd15-random", help="[sd15-random]")
     bench.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
     bench.add_argument("--images", type=_positive_int, default=64, help="[64]")
-    bench.add_argument("--width", type=int, default=512, help="[512]")
-    bench.add_argument("--height", type=int, default=512, help="[512]")
+    bench.add_argument("--width", type=int, default=None, help="[the model's own size: SD 512, SDXL/Flux 1024]")
+    bench.add_argument("--height", type=int, default=None, help="[the model's own size]")
     bench.add_argument("--steps", type=_positive_int, default=None, help="[the family's default]")
     bench.add_argument("--cfg", type=float, default=None, help="[the family's default]")
     bench.add_argument("--mix", default="txt2img", choices=["txt2img", "mixed"],
-                       help="txt2img, or a third each of txt2img, img2img and image_prompt, shuffled [txt2img]")
+                       help="txt2img, or the modes the family has (SD: a third each of txt2img, img2img and "
+                            "image_prompt; SDXL, SD3, Flux: half txt2img, half img2img), shuffled [txt2img]")
     bench.add_argument("--batch-size", type=_positive_int, default=None, help="sdbatch's batch size [auto]")
     bench.add_argument("--compile", action="store_true", help="add the sdbatch-compile variant")
     bench.add_argument("--out", type=Path, required=True, help="folder for bench.json, bench.md and the images")
     _training_parsers(commands)
+    _export_parser(commands)
     for command in commands.choices.values():
         command.add_argument("--threads", type=_positive_int, default=None,
                              help="CPU threads for torch [the CPUs this process may use, less those other programs "
@@ -465,7 +467,7 @@ def _percent(text: str) -> float:
 def cmd_bench(args) -> int:
     from .bench import Settings, bench
 
-    if args.width % 8 or args.height % 8 or args.width < 8 or args.height < 8:
+    if any(side is not None and (side % 8 or side < 8) for side in (args.width, args.height)):
         raise BatchError(f"--width and --height must be positive multiples of 8, got {args.width}x{args.height}")
     settings = Settings(model=args.model, device=args.device, images=args.images, width=args.width, height=args.height,
                         steps=args.steps, cfg=args.cfg, mix=args.mix, batch_size=args.batch_size, compile=args.compile)
@@ -516,6 +518,59 @@ def cmd_train_lora(args) -> int:
     return result.exit_code
 
 
+EXPORT_EXAMPLES = """\
+examples:
+  sdbatch export outputs/night1 --to datasets/night1 --format webdataset --shard-size 1000
+  sdbatch export outputs/night1 --to datasets/night1-pq --format parquet --min-clip-score 28 --dedup 6
+  sdbatch export outputs/night1 --to datasets/night1-pq --format parquet --min-clip-score 28 --dedup 6 \\
+      --push-to-hub me/night1                                   # then upload DIR as a dataset repository
+
+webdataset: DIR/shard-000000.tar ... (<key>.png, <key>.json, <key>.txt); parquet: DIR/train/shard-000000.parquet
+... (datasets' Image feature); imagefolder: DIR/images/shard-000000/... + DIR/metadata.jsonl. DIR/export.json
+lists the shards, the source, the options and what was dropped. Run it again after the run grew: only the new
+images are added, as new shards. Exit codes: 0 done; 2 bad input (nothing exported); 130 interrupted (the
+shards written so far are complete: run it again).
+"""
+
+
+def _export_parser(commands) -> None:
+    from .export import FORMATS, ExportOptions
+
+    export = commands.add_parser(
+        "export", help="an output folder -> training shards (webdataset, parquet, imagefolder)",
+        epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("out", type=Path, help="an sdbatch output folder")
+    export.add_argument("--to", type=Path, required=True, help="folder for the shards and export.json")
+    export.add_argument("--format", required=True, choices=list(FORMATS))
+    export.add_argument("--shard-size", type=_positive_int, default=ExportOptions.shard_size,
+                        help="images per shard [%(default)s]")
+    export.add_argument("--min-clip-score", type=float, default=None, metavar="X",
+                        help="leave out images whose clip_score (from `sdbatch score`) is below X")
+    export.add_argument("--dedup", type=int, default=None, metavar="HAMMING",
+                        help="leave out images whose perceptual hash is within HAMMING bits of an earlier one (4-8 is usual)")
+    export.add_argument("--fresh", action="store_true", help="replace an export made with other settings in DIR")
+    export.add_argument("--push-to-hub", default=None, metavar="REPO",
+                        help="then upload DIR as the Hugging Face dataset repository REPO (needs a network and a token)")
+    export.add_argument("--quiet", action="store_true", help="no progress bar: a log line every 10 s")
+
+
+def cmd_export(args) -> int:
+    from .export import ExportOptions, check_hub_reachable, export, push_to_hub
+
+    options = ExportOptions(format=args.format, shard_size=args.shard_size, min_clip_score=args.min_clip_score,
+                            dedup=args.dedup, fresh=args.fresh, quiet=args.quiet,
+                            workers=args.threads or min(4, os.cpu_count() or 1))
+    if args.push_to_hub:
+        check_hub_reachable()  # before the export, not after an hour of it
+    result = export(args.out, args.to, options)
+    dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(result.dropped.items()) if n) or "none"
+    print(f"{result.added} images exported now in {len(result.new_shards)} new shard(s); {result.kept} images in "
+          f"{result.shards} shard(s) in {result.to}; left out: {dropped}")
+    if args.push_to_hub:
+        print(f"pushed {result.to} to {push_to_hub(result.to, args.push_to_hub)}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .compare import compare, load_report, to_json, to_markdown
 
@@ -553,7 +608,7 @@ def run_cli(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "quiet", False))
     handler = {"run": cmd_run, "validate": cmd_validate, "status": cmd_status, "report": cmd_report,
                "compare": cmd_compare, "bench": cmd_bench, "prepare-dataset": cmd_prepare_dataset,
-               "train-lora": cmd_train_lora}[args.command]
+               "train-lora": cmd_train_lora, "export": cmd_export}[args.command]
     try:
         _set_threads(args)
         return handler(args)

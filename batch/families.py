@@ -48,6 +48,8 @@ class Family:
     guidance_label: str = "CFG scale"  # the A1111/Forge infotext name of `cfg`
     lora: bool = True
     single_file_config: str | None = None  # shipped config folder (under models/) for single files
+    ip_adapter: str | None = None  # the IP-Adapter image_prompt rows use unless --ip-adapter says otherwise
+    safety_checker: bool = False  # the pipeline has SD's safety_checker / feature_extractor slots
 
     def takes(self, column: str) -> bool:
         return column in self.columns
@@ -56,12 +58,15 @@ class Family:
 SD = Family(
     "sd", "Stable Diffusion 1.x/2.x", ("StableDiffusionPipeline",), (T2I, I2I, IMAGE_PROMPT),
     steps=25, cfg=7.5, scheduler="dpmpp_2m_karras", schedulers=DDPM_SCHEDULERS + (OWN_SCHEDULER,),
-    image_prompt_methods=("ip_adapter", "clip_embed"), encodes_prompts_here=True, single_file_config="sd15")
+    image_prompt_methods=("ip_adapter", "clip_embed"), encodes_prompts_here=True, single_file_config="sd15",
+    safety_checker=True,
+    ip_adapter="h94/IP-Adapter/models/ip-adapter_sd15.safetensors")
 SDXL = Family(
-    "sdxl", "Stable Diffusion XL", ("StableDiffusionXLPipeline",), (T2I, I2I),
+    "sdxl", "Stable Diffusion XL", ("StableDiffusionXLPipeline",), (T2I, I2I, IMAGE_PROMPT),
     steps=30, cfg=5.0, scheduler="euler", schedulers=DDPM_SCHEDULERS + (OWN_SCHEDULER,),
     columns=("prompt_2", "negative_prompt_2"), zero_empty_negative=True, vae_force_upcast=True,
-    single_file_config="sdxl")
+    single_file_config="sdxl", image_prompt_methods=("ip_adapter",),
+    ip_adapter="h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors")
 SD3 = Family(
     "sd3", "Stable Diffusion 3/3.5", ("StableDiffusion3Pipeline",), (T2I, I2I),
     steps=28, cfg=7.0, scheduler="flow_euler", schedulers=FLOW_SCHEDULERS + (OWN_SCHEDULER,),

@@ -188,6 +188,9 @@ def generate_batch(family: PipelineFamily, conditioner: Conditioner, batch: Batc
         options = _encoded_prompts(conditioner, batch)
     else:
         options = prompt_options(family.spec, [t.job for t in tasks], _parameters(pipe))
+        if job.image_prompt_method == "ip_adapter":
+            with torch.inference_mode():
+                options["ip_adapter_image_embeds"] = conditioner.ip_embeds([t.job for t in tasks], job.cfg > 1.0)
     devices.synchronize(family.device)
     encoded = time.perf_counter()
 

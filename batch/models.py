@@ -30,7 +30,8 @@ _PACKAGE = Path(__file__).resolve().parent
 # (pyproject's package-dir maps one onto the other), so an installed package needs no checkout.
 MODELS_DIR = _PACKAGE / "models_data" if (_PACKAGE / "models_data").is_dir() else _PACKAGE.parent / "models"
 SD15_CONFIGS = MODELS_DIR / "sd15"  # SD 1.5 configs and tokenizer, no weights
-TINY_IP_ADAPTER = MODELS_DIR / "tiny-ip-adapter" / "ip-adapter_tiny.safetensors"
+TINY_IP_ADAPTERS = {"tiny": MODELS_DIR / "tiny-ip-adapter" / "ip-adapter_tiny.safetensors",  # trained with it
+                    "tiny-sdxl": MODELS_DIR / "tiny-sdxl-ip-adapter" / "ip-adapter_tiny-sdxl.safetensors"}  # random
 SD15_IP_ADAPTER = "h94/IP-Adapter/models/ip-adapter_sd15.safetensors"
 CLIP_VISION = "openai/clip-vit-large-patch14"  # SD 1.5's text encoder family; 768-d projection
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -362,7 +363,7 @@ def load_family(model: str, options: LoadOptions) -> PipelineFamily:
     family = PipelineFamily(
         model=model, options=options, spec=spec, txt2img=pipe,
         img2img=AutoPipelineForImage2Image.from_pipe(pipe) if "img2img" in spec.modes else None,
-        image_prompt=image_prompt_pipeline_class().from_pipe(pipe) if "image_prompt" in spec.modes else None,
+        image_prompt=image_prompt_pipeline_class(type(pipe)).from_pipe(pipe) if "image_prompt" in spec.modes else None,
         load_s=0.0,
     )
     for view in family.views():
@@ -374,16 +375,18 @@ def load_family(model: str, options: LoadOptions) -> PipelineFamily:
     return family
 
 
-def image_prompt_pipeline_class():
-    """StableDiffusionPipeline whose precomputed IP-Adapter embeddings are taken per row.
+@functools.lru_cache(maxsize=None)  # one class per family: from_pipe and isinstance see the same one
+def image_prompt_pipeline_class(base=None):
+    """The family's pipeline (SD 1.x/2.x, SDXL) taking precomputed IP-Adapter embeddings per row.
 
     diffusers repeats `ip_adapter_image_embeds` batch_size times (it assumes one image prompt
     for the whole batch), which would mix the prompt images of a batch; here each row
     brings its own embedding, laid out as the UNet wants it: [negatives; positives].
     """
-    from diffusers import StableDiffusionPipeline
+    if base is None:
+        from diffusers import StableDiffusionPipeline as base
 
-    class ImagePromptPipeline(StableDiffusionPipeline):
+    class ImagePromptPipeline(base):
         def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device,
                                             num_images_per_prompt, do_classifier_free_guidance):
             if ip_adapter_image_embeds is None:
@@ -401,8 +404,8 @@ def _load_pipeline(source: ModelSource, options: LoadOptions, spec):
 
     dtype = _torch_dtype(options.dtype)
     checker = {}
-    if "image_prompt" in spec.modes:  # SD's safety checker and image encoder slots
-        checker = {} if options.safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    if spec.safety_checker and not options.safety_checker:
+        checker = {"safety_checker": None, "requires_safety_checker": False}
     if options.quantize != "none" and source.kind in ("random", "single_file"):
         raise ModelError(f"--quantize applies as a diffusers folder or hub model loads; '{source.name}' is a "
                          f"{'benchmark preset' if source.kind == 'random' else 'single file'}")
@@ -416,7 +419,7 @@ def _load_pipeline(source: ModelSource, options: LoadOptions, spec):
             pipeline = getattr(diffusers, spec.pipelines[0])
             # config= a shipped folder keeps from_single_file offline; image_encoder=None because
             # checkpoints carry none (and the tiny config's would be looked for in the file).
-            extra = {"image_encoder": None} if "image_prompt" in spec.modes else {}
+            extra = {"image_encoder": None} if spec.safety_checker else {}  # SD's image encoder slot
             if _same_width_text_encoders(config):  # diffusers would load CLIP-L's weights into both
                 from .single_file import load_sdxl_text_encoder_2
 

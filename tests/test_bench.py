@@ -1,11 +1,14 @@
-"""`bench` on the CPU with the tiny model: every key of bench.json, ratios, the FLOP bound."""
+"""`bench` on the CPU with the tiny models: every key of bench.json, ratios, the FLOP bound, every family;
+FLOPs of the real SDXL and Flux architectures on the meta device; on CUDA, the real-size presets."""
 from __future__ import annotations
 
 import json
+import resource
 import time
 
 import pytest
-from conftest import cli
+import torch
+from conftest import REPO, cli
 
 KEYS = {"device", "gpu_name", "model", "settings", "variants", "ratio_vs_naive", "steady_state_ratio_vs_naive",
         "end_to_end_ratio_vs_naive", "overhead_fraction", "unet_tflops_per_s", "flop_bound_images_per_s"}
@@ -79,3 +82,98 @@ def test_sd15_flop_count_matches_the_published_one():
     unet, vae = model_flops("sd15-random", 512, 512)
     assert 0.75e12 < unet < 0.85e12  # ~0.80 TFLOP per UNet evaluation at 64x64 latents
     assert 2.3e12 < vae < 2.7e12  # ~2.5 TFLOP per 512x512 decode
+
+
+def _bench(tmp_path, model: str, mix: str, *extra) -> dict:
+    out = tmp_path / "bench"
+    assert cli("bench", "--model", model, "--device", "cpu", "--images", "3", "--steps", "2", "--mix", mix,
+               "--out", out, *extra) == 0
+    return json.loads((out / "bench.json").read_text())
+
+
+@pytest.mark.parametrize("model, mix", [("tiny-sdxl", "txt2img"), ("tiny-sdxl", "mixed"), ("tiny-flux", "txt2img"),
+                                        ("tiny-flux", "mixed")])
+def test_bench_runs_other_families(tmp_path, model, mix):
+    """SDXL and Flux end to end: the family's CFG when none is given, its modes, its denoiser's FLOPs."""
+    from PIL import Image
+
+    from batch.families import describe
+
+    family = describe(model).family
+    result = _bench(tmp_path, model, mix, "--width", "64", "--height", "64")
+    assert result["family"] == family.name and result["settings"]["cfg"] == family.cfg  # 5.0 SDXL, 3.5 Flux dev
+    assert result["mix_modes"] == (["txt2img"] if mix == "txt2img" else ["txt2img", "img2img"])
+    assert [v["name"] for v in result["variants"]] == ["naive", "sdbatch"]
+    assert all(v["images"] == 3 and v["images_per_s"] > 0 for v in result["variants"])
+    assert result["unet_flops_per_eval"] > 0 and result["vae_decode_flops"] > 0
+    passes = 1 if family.negative_needs_true_cfg else 2  # Flux's guidance is an input, not a second pass
+    assert result["flops_per_image"] == 2 * passes * result["unet_flops_per_eval"] + result["vae_decode_flops"]
+    assert result["flop_bound_images_per_s"] > 0
+    manifest = tmp_path / "bench" / "manifest" / f"bench-{mix}.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert all(("negative_prompt" in row) != family.negative_needs_true_cfg for row in rows)
+    naive = sorted((tmp_path / "bench" / "naive").glob("*.png"))
+    assert len(naive) == 3 and {Image.open(p).size for p in naive} == {(64, 64)}  # img2img rows too
+    md = (tmp_path / "bench" / "bench.md").read_text()
+    assert ("Mix mixed: txt2img and img2img only" in md) == (mix == "mixed")
+
+
+def test_bench_defaults_to_the_models_size_and_family_settings(tmp_path):
+    """Settings left None take the model's native size (tiny-flux: 128) and its family's CFG."""
+    from batch.bench import Settings, bench
+
+    result = bench(Settings("tiny-flux", "cpu", 2, None, None, 1, None, "mixed", None, False), tmp_path / "bench")
+    assert result["settings"] == {"width": 128, "height": 128, "steps": 1, "cfg": 3.5, "images": 2, "mix": "mixed",
+                                  "batch_size": "auto", "compile": False}
+    assert [v["images"] for v in result["variants"]] == [2, 2]
+
+
+def test_bench_leaves_the_flop_bound_out_where_the_denoiser_is_unknown(tmp_path):
+    """PixArt (the "auto" family): the bench runs, txt2img only, and says the FLOP bound is left out."""
+    result = _bench(tmp_path, "tiny-pixart", "mixed", "--width", "64", "--height", "64")
+    assert result["mix_modes"] == ["txt2img"] and all(v["images"] == 3 for v in result["variants"])
+    assert result["flops_per_image"] is None and result["flop_bound_images_per_s"] is None
+    md = (tmp_path / "bench" / "bench.md").read_text()
+    assert "FLOP bound left out" in md and "Mix mixed: txt2img only" in md
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+@pytest.mark.parametrize("model, low, high", [
+    ("sdxl-random", 6.0e12, 7.0e12),  # published ~6.7 TFLOP per UNet evaluation at 128x128 latents
+    # 57 blocks at 4096 image + 512 text tokens: 59.5 TFLOP in linear layers (2 x 6.45 B weights a token meets
+    # x 4608 tokens), 14.9 TFLOP in attention (4 T^2 d per block)
+    ("flux-random", 70e12, 80e12),
+])
+def test_real_architecture_flops_on_the_meta_device(model, low, high):
+    """Counted on meta tensors: seconds, and no memory for the weights (SDXL's UNet alone is 10 GB in fp32)."""
+    from batch.bench import model_flops
+
+    before = _peak_rss_bytes()
+    denoiser, vae = model_flops(model, 1024, 1024)
+    assert low < denoiser < high
+    assert 10e12 < vae < 11e12  # ~10.5 TFLOP per 1024x1024 decode, 4x SD's 512x512
+    assert _peak_rss_bytes() - before < 2**30
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("model", ["sdxl-random", "flux-random"])
+def test_real_size_presets_on_cuda(tmp_path, model):
+    """The real SDXL and Flux architectures at 1024x1024 with the family's steps and CFG, 4 images:
+    images/s and peak VRAM of each variant kept in reports/bench-<model>.json."""
+    out = tmp_path / "bench"
+    assert cli("bench", "--model", model, "--device", "cuda", "--images", "4", "--width", "1024", "--height", "1024",
+               "--out", out) == 0
+    result = json.loads((out / "bench.json").read_text())
+    for v in result["variants"]:
+        assert v["images"] == 4 and v["images_per_s"] > 0 and v["peak_vram_bytes"] > 0
+    assert result["flop_bound_images_per_s"] > 0
+    kept = ("model", "family", "gpu_name", "dtype", "versions", "date", "settings", "flops_per_image",
+            "flop_bound_images_per_s", "steady_state_ratio_vs_naive")
+    summary = {key: result[key] for key in kept}
+    summary["variants"] = {v["name"]: {key: v[key] for key in ("images_per_s", "end_to_end_images_per_s",
+                                                             "peak_vram_bytes")} for v in result["variants"]}
+    (REPO / "reports" / f"bench-{model}.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -223,7 +223,8 @@ REFUSALS = [
     ("tiny-pixart", {"mode": "img2img", "init_image": "INIT", "strength": 0.5}, "mode", "no img2img pipeline"),
     ("tiny-flux", {"mode": "image_prompt", "prompt_image": "INIT", "image_prompt_method": "clip_embed"}, "mode",
      "flux-dev family"),
-    ("tiny-sdxl", {"mode": "image_prompt", "prompt_image": "INIT"}, "mode", "sdxl family"),
+    ("tiny-sdxl", {"prompt_image": "INIT", "image_prompt_method": "clip_embed"}, "image_prompt_method",
+     "the sdxl family takes ip_adapter only"),
     ("tiny-flux", {"negative_prompt": "blurry"}, "negative_prompt", "without true CFG"),
     ("flux-random", {"width": 1000, "height": 1024}, "width", "multiple of 16 for the flux-dev family"),
     ("tiny-flux", {"scheduler": "dpmpp_2m_karras"}, "scheduler", "flux-dev family (FluxPipeline) takes flow_euler"),
@@ -343,3 +344,36 @@ def test_flux_quantized_nf4_generates_on_a_gpu(tmp_path):
     manifest = write_jsonl(tmp_path / "m.jsonl", [_row("a", cfg=3.5)])
     assert cli(manifest, "--model", "tiny-flux", "--quantize", "nf4", "--out", out, "--quiet") == 0
     assert pixels(out / "images" / "a.png").std() > 1
+
+
+def test_sdxl_image_prompts_through_ip_adapter_equal_diffusers(tmp_path):
+    """SDXL image_prompt rows (IP-Adapter; each row its own picture, batched) equal diffusers' load_ip_adapter +
+    ip_adapter_image called row by row; the tiny SDXL model's adapter is the default for it."""
+    import torch
+    from diffusers import AutoPipelineForText2Image
+    from PIL import Image
+
+    pictures = [make_image(tmp_path / f"p{i}.png", color, size=(48, 40)) for i, color in
+                enumerate([(200, 30, 30), (30, 200, 60), (20, 40, 220)])]
+    rows = [dict(_row(f"ip{i}", cfg=5.0, seed=7 + i), prompt="a shape", prompt_image=str(p), ip_scale=0.8)
+            for i, p in enumerate(pictures)] + [_row("plain", cfg=5.0)]
+    out = tmp_path / "out"
+    assert cli(write_jsonl(tmp_path / "m.jsonl", rows), "--model", "tiny-sdxl", "--device", "cpu", "--batch-size", "3",
+               "--out", out, "--quiet") == 0
+    adapter = folder("tiny-sdxl-ip-adapter")
+    pipe = AutoPipelineForText2Image.from_pretrained(folder("tiny-sdxl"))
+    plain = reference_image("tiny-sdxl", rows[-1])
+    assert np.abs(pixels(out / "images/plain.png") - plain).max() <= TOLERANCE
+    pipe.load_ip_adapter(str(adapter), subfolder="", weight_name="ip-adapter_tiny-sdxl.safetensors",
+                         image_encoder_folder="image_encoder")
+    pipe.set_ip_adapter_scale(0.8)
+    pipe.set_progress_bar_config(disable=True)
+    for row in rows[:-1]:
+        with Image.open(row["prompt_image"]) as picture:
+            image = picture.convert("RGB")
+        theirs = np.asarray(pipe(prompt=row["prompt"], ip_adapter_image=image, num_inference_steps=row["steps"],
+                                 guidance_scale=row["cfg"], width=64, height=64,
+                                 generator=torch.Generator("cpu").manual_seed(row["seed"])).images[0], dtype=np.int16)
+        mine = pixels(out / "images" / f"{row['id']}.png")
+        assert np.abs(mine - theirs).max() <= TOLERANCE, (row["id"], np.abs(mine - theirs).max())
+        assert np.abs(mine - plain).max() > 5  # the picture changed the image

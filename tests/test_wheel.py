@@ -45,7 +45,7 @@ def _run(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
 def test_the_wheel_ships_the_model_folders(installed, tmp_path):
     done = _run(installed, tmp_path, "-c", "import batch, batch.models as m; print(batch.__file__); "
                 "print(m.resolve_model('tiny').location); print(m.resolve_model('sd15-random').location); "
-                "print(m.TINY_IP_ADAPTER.is_file())")
+                "print(m.TINY_IP_ADAPTERS['tiny'].is_file())")
     assert done.returncode == 0, done.stderr
     package, tiny, sd15, adapter = done.stdout.split()
     assert Path(package).is_relative_to(installed), f"imported {package}, not the installed copy"

@@ -371,11 +371,46 @@ def _portable(folder: Path) -> None:
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+IP_ADAPTER_TOKENS = 4  # image tokens of the tiny SDXL IP-Adapter, as h94's plain adapters
+
+
+def save_sdxl_ip_adapter(model: Path, out: Path) -> Path:
+    """A random plain IP-Adapter for the tiny SDXL model, in h94's layout: `ip-adapter_tiny-sdxl.safetensors`
+    (flat `image_proj.*` and `ip_adapter.<n>.to_k_ip/to_v_ip` keys, n = 1, 3, 5... over the UNet's
+    cross-attention processors, as diffusers numbers them) beside its own `image_encoder/` (a small CLIP
+    vision model at CLIP's 224 px input, so diffusers' default CLIPImageProcessor fits it)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = UNet2DConditionModel.from_pretrained(model / "unet")
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, image_size=224, patch_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37))
+    width = unet.config.cross_attention_dim
+    tensors = {"image_proj.proj.weight": torch.randn(IP_ADAPTER_TOKENS * width, 32) * 0.2,
+               "image_proj.proj.bias": torch.zeros(IP_ADAPTER_TOKENS * width),
+               "image_proj.norm.weight": torch.ones(width), "image_proj.norm.bias": torch.zeros(width)}
+    key = 1
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            for projection in ("to_k", "to_v"):
+                inner = getattr(module, projection).out_features
+                tensors[f"ip_adapter.{key}.{projection}_ip.weight"] = torch.randn(inner, width) * 0.2
+            key += 2
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "ip-adapter_tiny-sdxl.safetensors"))
+    encoder.save_pretrained(out / "image_encoder", safe_serialization=True)
+    return out
+
+
 def build(names: list[str], out: Path) -> list[Path]:
-    """Build and save the named families under OUT."""
+    """Build and save the named families under OUT (the tiny SDXL model with its IP-Adapter)."""
     folders = []
     for name in names:
         folders.append(save(FAMILIES[name](), out / name))
+        if name == "tiny-sdxl":
+            save_sdxl_ip_adapter(folders[-1], out / "tiny-sdxl-ip-adapter")
         size = sum(p.stat().st_size for p in folders[-1].rglob("*") if p.is_file())
         log.info("%s: %.0f kB", folders[-1], size / 1e3)
     return folders
