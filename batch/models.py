@@ -413,7 +413,8 @@ def _load_pipeline(source: ModelSource, options: LoadOptions, spec):
         if source.kind == "random":
             from .presets import build
 
-            return build(source.name, options.device, dtype)
+            # Offloaded: built in host memory, from where the offload hooks move each module in turn.
+            return build(source.name, "cpu" if options.offload != "none" else options.device, dtype)
         if source.kind == "single_file":
             config = single_file_config(Path(source.location), spec)
             pipeline = getattr(diffusers, spec.pipelines[0])

@@ -197,6 +197,10 @@ def _denoiser_lora(model: str, target: Path, seed: int = 0) -> Path:
                 parameter.normal_(0, 0.5)
     layers = get_peft_model_state_dict(denoiser)
     type(pipe).save_lora_weights(target, **{f"{denoiser_name}_lora_layers": layers})
+    if denoiser_name == "unet":  # SDXL: the same LoRA in kohya's (A1111's) layout too
+        from batch.train.export import save_kohya
+
+        save_kohya(denoiser, target / "kohya.safetensors")
     return target / "pytorch_lora_weights.safetensors"
 
 
@@ -215,6 +219,11 @@ def test_lora_per_row_changes_the_image_and_scale_0_is_none(tmp_path, model):
     assert np.abs(image["plain-again"] - image["plain"]).max() == 0  # the LoRA is off again after its rows
     meta = {m["id"]: m for m in read_metadata(out)}
     assert meta["on"]["lora"] == str(lora)
+    if model == "tiny-sdxl":  # diffusers converts kohya/A1111 files: the same adapter, the same image
+        kohya = lora.parent / "kohya.safetensors"
+        manifest = write_jsonl(tmp_path / "k.jsonl", [dict(base, id="kohya", lora=str(kohya))])
+        assert cli(manifest, "--model", model, "--device", "cpu", "--out", tmp_path / "k", "--quiet") == 0
+        assert np.abs(pixels(tmp_path / "k/images/kohya.png") - image["on"]).max() <= TOLERANCE
 
 
 # --- refused up front: exit 2, one line naming the row, the column, the value and the family ---
