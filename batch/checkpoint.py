@@ -83,6 +83,17 @@ CREATE TABLE IF NOT EXISTS ranks (  -- runs under a launcher: what each process 
     stats TEXT NOT NULL,           -- JSON: {rank, host, device, images, seconds, images_per_s}
     PRIMARY KEY (run, rank)
 );
+CREATE TABLE IF NOT EXISTS clip_scores (  -- `score` and `run --clip-score` (batch/score.py)
+    key TEXT NOT NULL,             -- the image's key: same key, same pixels and prompt, same score
+    model TEXT NOT NULL,           -- the CLIP model: its name @ a digest of its weights (or its hub commit)
+    score REAL NOT NULL,           -- 100 * max(cos(image, prompt), 0), torchmetrics' clip_score
+    PRIMARY KEY (key, model)
+);
+CREATE TABLE IF NOT EXISTS clip_models (  -- the CLIP models used here; metadata.jsonl shows the last one's scores
+    model TEXT PRIMARY KEY,
+    name TEXT NOT NULL,            -- as given: tiny-clip, org/name, a folder
+    used_at REAL NOT NULL
+);
 """
 
 
@@ -169,13 +180,18 @@ _ABSORB = f"""UPDATE images SET status = :status, error = :error, file = :file, 
     WHERE id = :id AND k = :k AND key = :key AND {_precedence(':status', ':run')} > {_precedence('status', 'run')}"""
 
 
-def _read_journal(source: sqlite3.Connection) -> tuple[list[dict], list, list]:
-    """A journal's outcomes, group figures and rank figures."""
+def _read_journal(source: sqlite3.Connection) -> tuple[list[dict], list, list, tuple[list, list]]:
+    """A journal's outcomes, group figures, rank figures and CLIP scores (scores, models)."""
     rows = source.execute(f"SELECT {', '.join(_JOURNAL_COLUMNS)} FROM images "
                           "WHERE status IN ('done', 'failed')").fetchall()
     groups = source.execute("SELECT run, idx, stats FROM groups").fetchall()
     ranks = source.execute("SELECT run, rank, stats FROM ranks").fetchall()
-    return [dict(zip(_JOURNAL_COLUMNS, row)) for row in rows], groups, ranks
+    try:
+        clip = (source.execute("SELECT key, model, score FROM clip_scores").fetchall(),
+                source.execute("SELECT model, name, used_at FROM clip_models").fetchall())
+    except sqlite3.OperationalError:  # a journal from before CLIP scores
+        clip = ([], [])
+    return [dict(zip(_JOURNAL_COLUMNS, row)) for row in rows], groups, ranks, clip
 
 
 def _kept(journal: Path, error: Exception) -> None:
@@ -332,7 +348,7 @@ class Checkpoint:
             Path(f"{journal}{extra}").unlink(missing_ok=True)
         return brought
 
-    def _lay_over(self, rows: list[dict], groups: list, ranks: list) -> int:
+    def _lay_over(self, rows: list[dict], groups: list, ranks: list, clip: tuple[list, list] = ([], [])) -> int:
         with self.db:
             brought = self.db.executemany(_ABSORB, rows).rowcount
             base = self.db.execute("SELECT COALESCE(MAX(idx), -1) + 1 FROM groups").fetchone()[0]
@@ -341,6 +357,10 @@ class Checkpoint:
             self.db.executemany("INSERT INTO groups (run, idx, stats) VALUES (?, ?, ?)",
                                 [(run, base + n, stats) for n, (run, _, stats) in enumerate(fresh)])
             self.db.executemany("INSERT OR REPLACE INTO ranks (run, rank, stats) VALUES (?, ?, ?)", ranks)
+            # A score depends on the image's key and the CLIP model alone: any copy of it is the same score.
+            self.db.executemany("INSERT OR REPLACE INTO clip_scores (key, model, score) VALUES (?, ?, ?)", clip[0])
+            self.db.executemany("""INSERT INTO clip_models (model, name, used_at) VALUES (?, ?, ?)
+                ON CONFLICT (model) DO UPDATE SET used_at = MAX(used_at, excluded.used_at)""", clip[1])
         return brought
 
     def close(self) -> None:
@@ -497,9 +517,53 @@ class Checkpoint:
         return Counts(total=total, done=done, failed=failed)
 
     def done_metadata(self):
-        """metadata.jsonl lines of every done image, in manifest order."""
-        for (meta,) in self.db.execute("SELECT meta FROM images WHERE status = 'done' ORDER BY ord, id, k"):
-            yield meta
+        """metadata.jsonl lines of every done image, in manifest order; with `clip_score` and `clip_model`
+        where the CLIP model used last here (batch/score.py) has scored the image."""
+        clip = self.clip_model()
+        if clip is None:
+            for (meta,) in self.db.execute("SELECT meta FROM images WHERE status = 'done' ORDER BY ord, id, k"):
+                yield meta
+            return
+        model, name = clip
+        for meta, score in self.db.execute(
+                """SELECT i.meta, c.score FROM images i LEFT JOIN clip_scores c ON c.key = i.key AND c.model = ?
+                   WHERE i.status = 'done' ORDER BY i.ord, i.id, i.k""", (model,)):
+            yield meta if score is None or not meta else _with_clip_score(meta, score, name)
+
+    # --- CLIP scores (batch/score.py) -----------------------------------------------
+
+    def use_clip_model(self, model: str, name: str) -> None:
+        """Make `model` the CLIP model whose scores metadata.jsonl and the report show."""
+        with self.db:
+            self.db.execute("""INSERT INTO clip_models (model, name, used_at) VALUES (?, ?, ?)
+                               ON CONFLICT (model) DO UPDATE SET name = excluded.name, used_at = excluded.used_at""",
+                            (model, name, time.time()))
+
+    def clip_model(self) -> tuple[str, str] | None:
+        """(model, name) of the CLIP model used last here, or None."""
+        try:
+            return self.db.execute("SELECT model, name FROM clip_models ORDER BY used_at DESC LIMIT 1").fetchone()
+        except sqlite3.OperationalError:  # a checkpoint from before CLIP scores, opened read-only
+            return None
+
+    def save_clip_scores(self, model: str, scores: list[tuple[str, float]]) -> None:
+        """(image key, score) pairs by `model`, in one transaction (fsynced, as every commit here)."""
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO clip_scores (key, model, score) VALUES (?, ?, ?)",
+                                [(key, model, score) for key, score in scores])
+
+    def unscored_images(self, model: str) -> list[tuple[str, str, str]]:
+        """(key, file, metadata JSON) of done images `model` has not scored, in manifest order."""
+        return self.db.execute(
+            """SELECT i.key, i.file, i.meta FROM images i WHERE i.status = 'done' AND NOT EXISTS
+               (SELECT 1 FROM clip_scores c WHERE c.key = i.key AND c.model = ?) ORDER BY i.ord, i.id, i.k""",
+            (model,)).fetchall()
+
+    def clip_scores(self, model: str) -> list[tuple[str | None, float]]:
+        """(group name, score) of every done image `model` has scored, in manifest order."""
+        return self.db.execute(
+            """SELECT i.group_name, c.score FROM images i JOIN clip_scores c ON c.key = i.key AND c.model = ?
+               WHERE i.status = 'done' ORDER BY i.ord, i.id, i.k""", (model,)).fetchall()
 
     def failed_jobs(self) -> list[tuple[str, str, str, int]]:
         """(id, manifest row JSON, error, attempts) of failed images, in manifest order."""
@@ -532,6 +596,17 @@ class Checkpoint:
         if run is not None:
             return self.db.execute(query + " WHERE run = ? ORDER BY ord, id, k", (run,)).fetchall()
         return self.db.execute(query + " ORDER BY ord, id, k").fetchall()
+
+
+def _with_clip_score(meta: str, score: float, name: str) -> str:
+    """A metadata line with `clip_score` and `clip_model` last; spliced, not re-encoded (a million lines)."""
+    if '"clip_score"' in meta or '"clip_model"' in meta:  # a manifest column of that name: ours replaces it
+        fields = json.loads(meta)
+        fields.pop("clip_score", None)
+        fields.pop("clip_model", None)
+        meta = json.dumps(fields, ensure_ascii=False)
+    tail = f'"clip_score": {round(score, 4)}, "clip_model": {json.dumps(name, ensure_ascii=False)}}}'
+    return meta[:-1] + (", " if meta.strip() != "{}" else "") + tail
 
 
 def _combine(a: dict, b: dict) -> dict:

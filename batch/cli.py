@@ -14,15 +14,18 @@ from .errors import BatchError
 from .models import QUANTIZE
 from .schedulers import SCHEDULERS
 
-COMMANDS = ("run", "validate", "status", "report", "compare", "bench", "prepare-dataset", "train-lora", "export")
+COMMANDS = ("run", "validate", "status", "report", "compare", "bench", "prepare-dataset", "train-lora", "export",
+            "score", "expand")
 
 EXAMPLES = """\
 examples:
   sdbatch manifests/demo.jsonl --model tiny                 # run (same as `sdbatch run ...`)
   sdbatch run prompts.csv --out outputs/night1 --steps 30 --batch-size 8
   sdbatch validate prompts.csv                              # check every row, print the plan
+  sdbatch expand templates.jsonl -o rows.jsonl --wildcards wildcards/   # the rows expand/sweep stand for
   sdbatch status outputs/night1 --json                      # {"total", "done", "failed", "pending"}
   sdbatch report outputs/night1                             # rebuild report.json/.csv/.md
+  sdbatch score outputs/night1 --clip tiny-clip             # add clip_score to metadata.jsonl
   python run_batch.py manifests/demo.jsonl --model tiny --fresh
   sdbatch prepare-dataset photos/ data/train --size 512          # images (+ .txt) -> training folder
   sdbatch train-lora data/train --out loras/mine --max-steps 500   # -> loras/mine/final/*.safetensors
@@ -59,6 +62,7 @@ def _plan_options() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="run seed; rows without a seed derive theirs from (seed, id) [0]")
     p.add_argument("--skip-invalid", action="store_true", help="run the valid rows, record invalid ones as failed")
     p.add_argument("--limit", type=_positive_int, default=None, help="only the first N jobs (rows)")
+    _expansion_options(p)
     p.add_argument("--ip-adapter", default=None,
                    help="IP-Adapter weights: file, folder, or org/repo/subfolder/file "
                         "[tiny: models/tiny-ip-adapter; else h94/IP-Adapter/models/ip-adapter_sd15.safetensors]")
@@ -72,6 +76,17 @@ def _plan_options() -> argparse.ArgumentParser:
                         help="load the denoiser and T5 in 4-bit NF4 or 8-bit (bitsandbytes, CUDA): Flux-dev on a "
                              "24 GB card [none]")
     return p
+
+
+def _expansion_options(p: argparse.ArgumentParser) -> None:
+    """`expand` and `sweep` rows (batch/expand.py): shared by run, validate and expand."""
+    from .expand import DEFAULT_MAX_ROWS
+
+    p.add_argument("--wildcards", type=Path, default=None, metavar="DIR",
+                   help="folder of __name__ wildcard files for expand templates: name.txt, one entry a line; "
+                        "sub-folders as __sub/name__")
+    p.add_argument("--max-rows", type=_positive_int, default=DEFAULT_MAX_ROWS, metavar="N",
+                   help="refuse an expand/sweep row that would become more than N rows [%(default)s]")
 
 
 def _single_job_options(p: argparse.ArgumentParser) -> None:
@@ -108,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true", help="torch.compile the UNet (warm-up reported apart)")
     run.add_argument("--quiet", action="store_true", help="no progress bar: a plain line every 10 s")
     run.add_argument("--safety-checker", action="store_true", help="run the model's safety checker, where it has one")
+    run.add_argument("--clip-score", default=None, metavar="CLIP",
+                     help="score each image against its prompt as it is written (as `sdbatch score --clip`): "
+                          "tiny-clip, a CLIP folder or a hub id")
     _single_job_options(run)
 
     validate = commands.add_parser("validate", parents=[shared], help="check every row and print the plan; loads no model")
@@ -155,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, required=True, help="folder for bench.json, bench.md and the images")
     _training_parsers(commands)
     _export_parser(commands)
+    _score_parser(commands)
+    _expand_parser(commands)
     for command in commands.choices.values():
         command.add_argument("--threads", type=_positive_int, default=None,
                              help="CPU threads for torch [the CPUs this process may use, less those other programs "
@@ -162,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMPUTING = ("bench", "prepare-dataset", "train-lora")  # `run` sets its own, knowing its output folder
+COMPUTING = ("bench", "prepare-dataset", "train-lora", "score")  # `run` sets its own, knowing its output folder
 
 
 def _set_threads(args, out: Path | None = None) -> None:
@@ -340,7 +360,8 @@ def cmd_run(args) -> int:
         fresh=args.fresh, limit=args.limit, quiet=args.quiet, compile=args.compile, defaults=_defaults(args),
         offload=args.offload, attention_slicing=args.attention_slicing, vae_slicing=args.vae_slicing,
         vae_tiling=args.vae_tiling, safety_checker=args.safety_checker, ip_adapter=args.ip_adapter,
-        quantize=args.quantize, threads=args.threads, adds_to_folder=single)
+        quantize=args.quantize, threads=args.threads, adds_to_folder=single, clip_score=args.clip_score,
+        wildcards=args.wildcards, max_rows=args.max_rows)
     _set_threads(args, config.out)
     with GracefulStop() as stop:  # this process's place in a torchrun / accelerate launch, if any
         result = run(config, RunContext.launched(config.device, stop))
@@ -364,7 +385,8 @@ def cmd_validate(args) -> int:
     from .models import LoadOptions, check_options, resolve_device, resolve_dtype, resolve_model
     from .plan import make_plan
 
-    manifest = load_manifest(args.manifest, _defaults(args), args.seed, args.skip_invalid)
+    manifest = load_manifest(args.manifest, _defaults(args), args.seed, args.skip_invalid,
+                             wildcards=args.wildcards, max_rows=args.max_rows)
     jobs = manifest.jobs[: args.limit] if args.limit else manifest.jobs
     for model in dict.fromkeys(job.model for job in jobs):
         resolve_model(model)  # as `run` does: a model that cannot be found or fetched is invalid
@@ -394,7 +416,9 @@ def cmd_validate(args) -> int:
         groups.append(entry)
     if args.json:
         print(json.dumps({"valid": True, "jobs": len(jobs), "images": plan.images, "batches": plan.batches,
-                          "invalid_rows": len(manifest.invalid), "groups": groups}))
+                          "invalid_rows": len(manifest.invalid), "groups": groups,
+                          "expanded": [{"line": line, "id": row_id, "rows": rows}
+                                       for line, row_id, rows in manifest.expanded]}))
         return 0
     from rich.table import Table
 
@@ -412,6 +436,8 @@ def cmd_validate(args) -> int:
         table.add_row(*row)
     console = _console()
     console.print(table)
+    for line, row_id, rows in manifest.expanded:  # rich markup off: ids and paths are the user's text
+        console.print(f"line {line} ({row_id}): expands to {rows} rows", markup=False, highlight=False)
     if manifest.invalid:
         console.print(f"{len(manifest.invalid)} invalid row(s) will be recorded as failed (--skip-invalid)")
     console.print("valid")
@@ -534,15 +560,13 @@ shards written so far are complete: run it again).
 
 
 def _export_parser(commands) -> None:
-    from .export import FORMATS, ExportOptions
-
     export = commands.add_parser(
         "export", help="an output folder -> training shards (webdataset, parquet, imagefolder)",
         epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     export.add_argument("out", type=Path, help="an sdbatch output folder")
     export.add_argument("--to", type=Path, required=True, help="folder for the shards and export.json")
-    export.add_argument("--format", required=True, choices=list(FORMATS))
-    export.add_argument("--shard-size", type=_positive_int, default=ExportOptions.shard_size,
+    export.add_argument("--format", required=True, choices=["webdataset", "parquet", "imagefolder"])
+    export.add_argument("--shard-size", type=_positive_int, default=1000,
                         help="images per shard [%(default)s]")
     export.add_argument("--min-clip-score", type=float, default=None, metavar="X",
                         help="leave out images whose clip_score (from `sdbatch score`) is below X")
@@ -582,6 +606,89 @@ def cmd_compare(args) -> int:
     return 0 if result.ok else 1
 
 
+
+SCORE_EXAMPLES = """\
+examples:
+  sdbatch score outputs/night1 --clip openai/clip-vit-large-patch14 --device cuda --batch-size 64
+  sdbatch score outputs/demo --clip tiny-clip         # the CLIP shipped for the embedded model
+  sdbatch manifests/demo.jsonl --model tiny --clip-score tiny-clip   # scored while the run writes
+
+clip_score = 100 * max(cos(image, prompt), 0), as torchmetrics' clip_score, added to each image's line in
+OUT/images/metadata.jsonl (with clip_model); the report gains a histogram per group. Scores are kept in
+checkpoint.sqlite: an interrupted score resumes, a second one computes nothing new. Images without a text
+prompt (clip_embed rows) are skipped and counted. Exit codes: 0 done; 1 some image files could not be read
+(named on stderr); 2 bad input (no checkpoint, a CLIP model that cannot be found); 130 interrupted.
+"""
+
+
+def _score_parser(commands) -> None:
+    score = commands.add_parser(
+        "score", help="add clip_score (CLIP image-prompt similarity) to every image of an output folder",
+        epilog=SCORE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    score.add_argument("out", type=Path, help="an sdbatch output folder")
+    score.add_argument("--clip", required=True, metavar="MODEL",
+                       help="tiny-clip (shipped, for the embedded model), a CLIP folder or a hub id such as "
+                            "openai/clip-vit-large-patch14")
+    score.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [auto]")
+    score.add_argument("--batch-size", type=_positive_int, default=32, help="images per CLIP call [%(default)s]")
+    score.add_argument("--quiet", action="store_true", help="no progress bar: a log line every 10 s")
+
+
+def cmd_score(args) -> int:
+    from .interrupt import GracefulStop
+    from .score import score_folder
+
+    with GracefulStop() as stop:
+        result = score_folder(args.out, args.clip, args.device, args.batch_size, args.quiet, stop)
+    print(f"{result.scored} image(s) scored now with {result.model}, {result.earlier} earlier; {result.skipped} "
+          f"skipped (no text prompt) -> {args.out / 'images' / 'metadata.jsonl'}")
+    for name in result.unreadable[:20]:
+        print(f"  not scored (cannot read the file): {name}", file=sys.stderr)
+    if result.interrupted:
+        print("interrupted: run the same command again to score the rest", file=sys.stderr)
+    return result.exit_code
+
+
+EXPAND_EXAMPLES = """\
+examples:
+  sdbatch expand templates.jsonl -o rows.jsonl                       # then: sdbatch rows.jsonl --model tiny
+  sdbatch expand templates.csv -o rows.jsonl --wildcards wildcards/ --seed 7
+
+A row with "expand": "all" becomes every combination of its prompt / negative_prompt templates
+(dynamicprompts: {red|green}, {2$$a|b|c}, {1-2$$a|b|c}, __name__ wildcards); "expand": N becomes N
+draws seeded by the row's seed; "sweep": {"cfg": [4, 7.5], "steps": [10, 20]} becomes one row per
+cell. OUT.jsonl holds the rows `run` would make, as a manifest (ids <id>-<k>, explicit seeds, the
+template in `template`). Exit codes: 0 written; 2 bad input (a template that cannot be expanded, a
+missing wildcard file, more than --max-rows rows from one row), nothing written.
+"""
+
+
+def _expand_parser(commands) -> None:
+    expand = commands.add_parser(
+        "expand", help="write the rows that expand (templates) and sweep rows stand for, as a manifest",
+        epilog=EXPAND_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    expand.add_argument("manifest", type=Path, help="CSV or JSONL manifest (.csv, .jsonl, .jsonl.gz)")
+    expand.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.jsonl", help="the expanded manifest")
+    expand.add_argument("--seed", type=int, default=0,
+                        help="run seed, as for run: rows without a seed derive theirs (and their draws) from (seed, id) [0]")
+    _expansion_options(expand)
+
+
+def cmd_expand(args) -> int:
+    from .manifest import expand_manifest
+    from .writer import write_text_atomic
+
+    if args.output.resolve() == args.manifest.resolve():
+        raise BatchError(f"-o {args.output} is the manifest itself: write the expansion to another file")
+    rows, expanded = expand_manifest(args.manifest, args.seed, args.wildcards, args.max_rows)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(args.output, "".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows))
+    for line, row_id, count in expanded:
+        print(f"line {line} ({row_id}): {count} rows")
+    print(f"{len(rows)} rows ({len(expanded)} expanded) -> {args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         code = run_cli(argv)
@@ -608,7 +715,8 @@ def run_cli(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "quiet", False))
     handler = {"run": cmd_run, "validate": cmd_validate, "status": cmd_status, "report": cmd_report,
                "compare": cmd_compare, "bench": cmd_bench, "prepare-dataset": cmd_prepare_dataset,
-               "train-lora": cmd_train_lora, "export": cmd_export}[args.command]
+               "train-lora": cmd_train_lora, "export": cmd_export, "score": cmd_score,
+               "expand": cmd_expand}[args.command]
     try:
         _set_threads(args)
         return handler(args)

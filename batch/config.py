@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .expand import DEFAULT_MAX_ROWS
+
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
@@ -41,6 +43,8 @@ class RunConfig:
     max_attempts: int = 3  # --retry-failed skips images that failed this many times
     fresh: bool = False
     limit: int | None = None  # first N jobs (rows) only
+    wildcards: Path | None = None  # folder of `__name__` files for `expand` templates (expand.py)
+    max_rows: int = DEFAULT_MAX_ROWS  # most rows one `expand` / `sweep` row may become: refused past it
     # The manifest adds to what OUT holds (a `--prompt` run into outputs/single): the images of earlier
     # runs stay in the checkpoint, metadata.jsonl and the report instead of being forgotten.
     adds_to_folder: bool = False
@@ -54,6 +58,7 @@ class RunConfig:
     vae_tiling: bool = False
     safety_checker: bool = False  # off by default, as for a batch tool; on where the model ships one
     ip_adapter: str | None = None  # None: tiny's own for --model tiny, else h94/IP-Adapter's SD 1.5 adapter
+    clip_score: str | None = None  # a CLIP model (batch/score.py): each batch's images are scored once recorded
     writer_threads: int = 2  # PNG encoding releases the GIL in zlib; two keep up with a GPU
     threads: int | None = None  # torch's CPU threads, set by the entry point (batch/threads.py); None: chosen there
     defaults: Defaults = field(default_factory=Defaults)

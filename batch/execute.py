@@ -19,6 +19,7 @@ from .models import LoadOptions, load_family
 from .plan import Batch, Group, Plan
 from .progress import Progress
 from .ranks import Claims
+from .score import RunScorer
 from .tally import Execution, GroupTally
 from .writer import ImageWriter
 
@@ -38,7 +39,9 @@ def execute(plan: Plan, config: RunConfig, options: LoadOptions, adapters: Adapt
     execution = Execution([], False, None)
     devices.activate(options.device)  # the CUDA context and every default allocation on the run's GPU
     ordered = [(group, batch) for group in plan.groups for batch in group.batches]
-    state = _Loaded()
+    # --clip-score: the CLIP model loads once, on the run's device, and scores each batch once it is recorded
+    state = _Loaded(scorer=RunScorer(config.clip_score, options.device, out / "images", checkpoint)
+                    if config.clip_score else None)
     with Progress(plan.images, quiet=config.quiet) as progress:
         try:
             while True:
@@ -72,7 +75,7 @@ def execute(plan: Plan, config: RunConfig, options: LoadOptions, adapters: Adapt
             execution.interrupted = True
             log.warning("interrupted: the images already made are recorded; run the same command again to resume")
         finally:
-            commit_written(writer.close(), checkpoint)
+            commit_written(writer.close(), checkpoint, state.scorer)
             if execution.tallies:
                 checkpoint.save_group(len(execution.tallies) - 1, execution.tallies[-1].as_dict())
     return execution
@@ -90,6 +93,7 @@ class _Loaded:
     group: Group | None = None
     tally: GroupTally | None = None
     freed: int | None = None
+    scorer: RunScorer | None = None  # --clip-score
 
 
 def _start_group(state: _Loaded, group: Group, config: RunConfig, options: LoadOptions, execution: Execution,
@@ -118,7 +122,7 @@ def _end_group(state: _Loaded, writer: ImageWriter, checkpoint: Checkpoint, exec
         return
     if state.family is not None:
         started = time.perf_counter()
-        commit_written(writer.finished(block=True), checkpoint)
+        commit_written(writer.finished(block=True), checkpoint, state.scorer)
         state.tally.wall_s += time.perf_counter() - started
         state.tally.peak_vram_bytes = devices.peak_allocated(device)
         checkpoint.save_group(len(execution.tallies) - 1, state.tally.as_dict())
@@ -167,7 +171,7 @@ def _run_batch(planned: Batch, state: _Loaded, config: RunConfig, device: str, w
                                for task, error in failures])
             tally.failed += len(failures)
             log.debug("batch %d: %d generated, %d failed", batch.index, len(made), len(failures))
-            commit_written(writer.finished(), checkpoint)
+            commit_written(writer.finished(), checkpoint, state.scorer)
             progress.advance(len(batch.tasks))
     finally:
         tally.wall_s += time.perf_counter() - started
@@ -252,7 +256,7 @@ def _at_most(batch: Batch, size: int | None) -> list[Batch]:
     return [Batch(batch.index, batch.tasks[i : i + size]) for i in range(0, len(batch.tasks), size)]
 
 
-def commit_written(written, checkpoint: Checkpoint) -> None:
+def commit_written(written, checkpoint: Checkpoint, scorer: RunScorer | None = None) -> None:
     """Record what the writer finished, crediting each image to the group (tally) that made it."""
     outcomes = []
     for w in written:
@@ -265,3 +269,5 @@ def commit_written(written, checkpoint: Checkpoint) -> None:
         tally.per_image_s.append(seconds)
         tally.stages.write_s += w.seconds
     checkpoint.commit(outcomes)
+    if scorer is not None:  # after the commit: a score is only ever kept for a recorded image
+        scorer.record(outcomes, checkpoint)

@@ -102,6 +102,7 @@ class ModelInfo:
     size: int  # pixels per side of rows that give no width or height, as diffusers' pipelines default
     multiple: int  # each side must be a multiple of this (the VAE's scale, times the patch for transformers)
     cross_attention_dim: int | None = None  # UNet families: what a LoRA's text projections must match
+    max_side: int | None = None  # SD3: its position embeddings cover this many pixels a side
 
 
 def family_of_pipeline(class_name: str, transformer: dict | None = None) -> Family:
@@ -149,8 +150,10 @@ def describe_folder(folder: Path, family: Family | None = None) -> ModelInfo:
         size, patch = transformer.get("sample_size", 128) * scale, transformer.get("patch_size", 1)
     size = size if isinstance(size, int) else 64 * scale  # a sample_size given as [h, w]
     dim = unet.get("cross_attention_dim")
+    positions = transformer.get("pos_embed_max_size")
     return ModelInfo(family, index.get("_class_name", family.pipelines[0] if family.pipelines else ""),
-                     size, math.lcm(8, scale * patch), dim if isinstance(dim, int) else None)
+                     size, math.lcm(8, scale * patch), dim if isinstance(dim, int) else None,
+                     positions * patch * scale if isinstance(positions, int) else None)
 
 
 SINGLE_FILE_KEYS = (  # a key only that family's original-layout checkpoints hold, as diffusers' infer_diffusers_model_type reads them

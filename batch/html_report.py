@@ -21,6 +21,8 @@ from .checkpoint import Checkpoint
 THUMB_PX = 128  # longest side of a contact-sheet thumbnail
 MAX_THUMBS = 200  # keeps the page a few MB at most, whatever the run's size
 MAX_FAILURES = 200
+MAX_GRIDS = 24  # sweep grids embedded in the page (every one is in OUT/grids)
+GRID_PX = 768  # longest side of an embedded grid
 MAX_POINTS = 1000  # batch-latency points drawn; longer runs show the slowest batch of each stretch
 # s_per_image_* are shares of a batch's time: say so, or they read as the latency of one image.
 PER_IMAGE_NOTE = ("s/image p50/p95: each image's share of its batch (batch generation s ÷ batch size), "
@@ -52,6 +54,7 @@ figcaption .p{color:#555}
 .missing{width:128px;height:64px;display:flex;align-items:center;justify-content:center;color:#999;background:#eee}
 pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:12px;max-height:12em;overflow:auto}
 code{background:#eee;padding:1px 4px;border-radius:3px}
+.grid img{max-width:100%;background:#fff;border:1px solid #ddd}
 """
 
 
@@ -71,6 +74,8 @@ def render(report: dict, checkpoint: Checkpoint, out: Path) -> str:
         _ranks(report.get("ranks", [])),
         _runs(report),
         _charts(report, batches),
+        _clip_scores(report.get("clip_score")),
+        _grids(out),
         _contact_sheet(thumbs, totals["done"], out),
         _failures(failed, run, out),
         f"<p class=note>Written by sdbatch {_e(run.get('sdbatch', ''))} from checkpoint.sqlite; "
@@ -203,6 +208,24 @@ def _charts(report: dict, batches: list[dict]) -> str:
     return "\n".join(parts)
 
 
+def _clip_scores(clip: dict | None) -> str:
+    """One histogram per group of the CLIP scores (`sdbatch score`, `run --clip-score`), when there are any."""
+    if not clip:
+        return ""
+    width = clip["bin_width"]
+    bins = [f"{low}–{low + width}" for low in range(0, 100, width)]
+    parts = ["<section id=clip-scores>", f"<h2>CLIP scores ({_e(clip['model'])})</h2>",
+             f"<p class=note>{clip['images']} images scored, mean {_num(clip['mean'])}; {clip['unscored']} not scored "
+             "(no text prompt, or not scored yet: <code>sdbatch score</code>). clip_score = 100 · max(cos(image, "
+             "prompt), 0); each bar counts the images in a bin of the score.</p>", "<div class=charts>"]
+    for g in clip["groups"]:
+        chart = _bar_chart(bins, [("images", g["histogram"], COLORS[4])], lambda v: f"{v:g}")
+        parts.append(f"<div class=chart><h3>{_e(g['group'])}: {g['images']} images, mean {_num(g['mean'])}</h3>"
+                     f"{chart}</div>")
+    parts += ["</div>", "</section>"]
+    return "\n".join(parts)
+
+
 def _group_table(groups: list[dict], labels: list[str]) -> str:
     head = ("group", "images", "failed", "batches", "batch size", "load s", "warm-up s", "generate s",
             "images/s (generation)", "s/image p50 (batch s ÷ batch size)", "s/image p95 (batch s ÷ batch size)",
@@ -258,6 +281,38 @@ def _figure(meta: dict, images: Path) -> str:
     short = prompt if len(prompt) <= 90 else prompt[:87] + "..."
     return (f"<figure>{picture}<figcaption><b>{_e(stem)}</b> &middot; seed {_e(meta.get('seed'))}"
             f"<br><span class=p>{_e(short)}</span></figcaption></figure>")
+
+
+def _grids(out: Path) -> str:
+    """The sweeps' grids (OUT/grids/, written by grids.py), embedded and linked."""
+    files = sorted((out / "grids").glob("*.png")) if (out / "grids").is_dir() else []
+    if not files:
+        return ""
+    parts = ["<section id=grids>", f"<h2>Grids ({len(files)})</h2>",
+             f"<p class=note>One per swept row (<code>sweep</code> column): X across, Y down, a Z axis side by "
+             f"side; files in <code>{_e(str(out / 'grids'))}</code>"
+             + (f"; showing the first {MAX_GRIDS}" if len(files) > MAX_GRIDS else "") + ".</p>"]
+    for path in files[:MAX_GRIDS]:
+        uri = _grid_uri(path)
+        picture = f"<img src=\"{uri}\" alt=\"{_e(path.stem)}\">" if uri else "<div class=missing>unreadable</div>"
+        parts.append(f"<h3><a href=\"grids/{_e(path.name)}\">{_e(path.stem)}</a></h3><div class=grid>{picture}</div>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _grid_uri(path: Path) -> str | None:
+    """A grid as a PNG data URI (its labels stay sharp), scaled to GRID_PX at most."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            picture = image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    picture.thumbnail((GRID_PX, GRID_PX))
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def thumbnail_uri(path: Path) -> str | None:

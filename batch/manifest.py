@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .config import Defaults
 from .errors import ManifestError, RowError
+from .expand import DEFAULT_MAX_ROWS, EXPAND_COLUMNS, Expander, wants_expansion
 from .job import FILE_COLUMNS, IMAGE_PROMPT_METHODS, MODES, Job
 from .families import FAMILY_COLUMNS, describe
 from .models import HUB_ID, PRESETS
@@ -26,6 +27,9 @@ COLUMNS = (
     "image_prompt_method", "ip_scale", "width", "height", "steps", "cfg", "seed",
     "num_images", "scheduler", "lora", "lora_scale", "model", *FAMILY_COLUMNS,
 )
+# Columns read here that the known-column checks must know too; `expand` and `sweep` are
+# consumed by expansion (expand.py) before a row is validated.
+KNOWN_COLUMNS = COLUMNS + EXPAND_COLUMNS
 # Names the image metadata uses itself: an extra column may not shadow them.
 RESERVED = ("file_name", "k", "sampler", "model_name")
 # failed.jsonl's own columns: read back as a manifest, they are notes about the last attempt, not labels.
@@ -46,6 +50,7 @@ class Manifest:
     invalid: list[tuple[int, dict, list[RowError]]]  # (line, raw row, its errors)
     sha256: str
     skipped_rows: int = 0  # rows not read again because the checkpoint holds them done (see `skip_lines`)
+    expanded: tuple[tuple[int, str, int], ...] = ()  # (line, id, rows) of each row that expand or sweep multiplied
 
 
 def read_bytes(path: Path) -> bytes:
@@ -218,12 +223,12 @@ def _near_miss(column: str) -> str | None:
     the same first letter (`sedd`), or two letters swapped (`cgf`); `note` stays a label.
     """
     lowered = column.strip().lower()
-    if lowered in COLUMNS:
+    if lowered in KNOWN_COLUMNS:
         return lowered if lowered != column else None
-    match = difflib.get_close_matches(lowered, COLUMNS, n=1, cutoff=0.8)
+    match = difflib.get_close_matches(lowered, KNOWN_COLUMNS, n=1, cutoff=0.8)
     if match:
         return match[0]
-    for known in COLUMNS:
+    for known in KNOWN_COLUMNS:
         if _one_edit(lowered, known) and (lowered[:1] == known[:1] or sorted(lowered) == sorted(known)):
             return known
     return None
@@ -468,6 +473,9 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
         if value % info.multiple:
             why = "" if info.multiple == 8 else f" for the {family.name} family (its latents are {info.multiple} pixels a side)"
             row.error(column, value, f"must be a multiple of {info.multiple}{why}")
+        elif info.max_side and value > info.max_side:
+            row.error(column, value, f"at most {info.max_side} for this {family.name} model (its position "
+                                     "embeddings cover no more)")
     steps = row.number("steps", int, 1, MAX_STEPS, defaults.steps or family.steps)
     cfg = row.number("cfg", float, 0.0, 100.0, family.cfg if defaults.cfg is None else defaults.cfg)
     num_images = row.number("num_images", int, 1, MAX_IMAGES_PER_ROW, defaults.num_images)
@@ -492,7 +500,7 @@ def validate_row(line: int, raw: dict, defaults: Defaults, run_seed: int, images
     if lora and not family.lora:
         row.error("lora", raw.get("lora"), f"the {family.name} family ({info.pipeline}) takes no LoRA here")
 
-    extra = tuple((k, v) for k, v in raw.items() if k not in COLUMNS and k not in ANNOTATIONS)
+    extra = tuple((k, v) for k, v in raw.items() if k not in KNOWN_COLUMNS and k not in ANNOTATIONS)
     for column, value in extra:
         if isinstance(value, float) and not math.isfinite(value):
             row.error(column, value, "NaN and Infinity cannot be written to metadata.jsonl (not JSON); use null or a string")
@@ -541,7 +549,7 @@ def _column_errors(rows: list[tuple[int, dict]]) -> list[RowError]:
         for column in raw:
             first_seen.setdefault(column, line)
     for column, line in first_seen.items():
-        if column in COLUMNS or column in ANNOTATIONS:
+        if column in KNOWN_COLUMNS or column in ANNOTATIONS:
             continue
         if column in RESERVED:
             errors.append(RowError(line, column, None, f"'{column}' is a name the image metadata uses; rename the column"))
@@ -613,27 +621,80 @@ def _unique_ids(rows: list[tuple[int, dict]]) -> dict[int, list[RowError]]:
 
 
 def load_manifest(path: Path, defaults: Defaults = Defaults(), run_seed: int = 0, skip_invalid: bool = False,
-                  data: bytes | None = None, skip_lines: frozenset = frozenset()) -> Manifest:
+                  data: bytes | None = None, skip_lines: frozenset = frozenset(), wildcards: Path | None = None,
+                  max_rows: int = DEFAULT_MAX_ROWS) -> Manifest:
     """Read and validate the whole manifest; raise ManifestError listing every problem.
 
     With `skip_invalid`, bad rows (and unparseable JSONL lines) come back in
     `Manifest.invalid` instead; problems with the file as a whole (unreadable, no rows,
     a misspelt column) still raise. `skip_lines` are rows of this very file that an
     earlier run validated and finished: they are not parsed or validated again.
+    Rows with `expand` or `sweep` become the rows they stand for (expand.py; `wildcards` is the
+    folder of `__name__` files, `max_rows` the most one row may become), all on the row's line.
     """
     path = Path(path)
     rows, parse_errors, data = read_rows(path, data, skip_lines)
+    read_any = bool(rows)
+    rows, templates, expand_invalid, expanded = _expand_rows(rows, run_seed, Expander(wildcards, max_rows))
     column_errors = _column_errors(rows)
-    jobs, invalid = _validate_rows(path, rows, defaults, run_seed)
+    jobs, invalid = _validate_rows(path, rows, defaults, run_seed, templates)
+    invalid += expand_invalid
     row_errors = [e for _, _, errs in invalid for e in errs]
-    if (not rows and not skip_lines) or column_errors or (not skip_invalid and (parse_errors or invalid)):
+    if (not read_any and not skip_lines) or column_errors or (not skip_invalid and (parse_errors or invalid)):
         raise ManifestError(path, sorted(parse_errors + column_errors + row_errors, key=_order))
     invalid += [(e.line or 0, {}, [e]) for e in parse_errors]
     return Manifest(path=path, jobs=jobs, invalid=sorted(invalid, key=lambda item: item[0]),
-                    sha256=hashlib.sha256(data).hexdigest(), skipped_rows=len(skip_lines))
+                    sha256=hashlib.sha256(data).hexdigest(), skipped_rows=len(skip_lines), expanded=tuple(expanded))
 
 
-def _validate_rows(path: Path, rows, defaults: Defaults, run_seed: int):
+def expand_manifest(path: Path, run_seed: int = 0, wildcards: Path | None = None,
+                    max_rows: int = DEFAULT_MAX_ROWS) -> tuple[list[dict], list[tuple[int, str, int]]]:
+    """The manifest's rows with templates and sweeps expanded as `run` expands them, each with its id
+    and its file paths made absolute (a manifest that runs the same from any folder); raise
+    ManifestError for rows that cannot be read or expanded. Also (line, id, rows) per expanded row."""
+    path = Path(path)
+    rows, parse_errors, _ = read_rows(path)
+    rows, _, invalid, expanded = _expand_rows(rows, run_seed, Expander(wildcards, max_rows))
+    errors = parse_errors + [e for _, _, errs in invalid for e in errs]
+    if errors:
+        raise ManifestError(path, sorted(errors, key=_order))
+    folder = path.resolve().parent
+    # An id on every row: a default `row-<line>` would change with the line it lands on.
+    return [portable_row({"id": _row_id(line, raw), **{k: v for k, v in raw.items()
+                                                        if k != "id" and k not in EXPAND_COLUMNS}}, folder)
+            for line, raw in rows], expanded
+
+
+def _expand_rows(rows: list[tuple[int, dict]], run_seed: int, expander: Expander):
+    """Rows with `expand` or `sweep` replaced by the rows they stand for, each on its template row's line.
+
+    Returns (rows, template rows by line, template rows that cannot be expanded with their errors,
+    (line, id, rows) per expanded row). The seed expansion starts from is the row's own, else the one
+    derived from (run seed, id) as for any row.
+    """
+    out, templates, invalid, expanded = [], {}, [], []
+    for line, raw in rows:
+        if not wants_expansion(raw):
+            out.append((line, raw))
+            continue
+        row = _Row(line, raw)
+        seed = row.number("seed", int, 0, MAX_SEED - MAX_IMAGES_PER_ROW, None, what="an integer >= 0 (below 2**63)")
+        job_id = _row_id(line, raw)
+        if row.errors:
+            invalid.append((line, raw, row.errors))
+            continue
+        seed = derive_seed(run_seed, job_id) if seed is None else seed
+        new, errors = expander.expand(line, raw, job_id, seed, _image_count(raw))
+        if errors:
+            invalid.append((line, raw, errors))
+            continue
+        templates[line] = raw
+        out.extend((line, new_row) for new_row in new)
+        expanded.append((line, job_id, len(new)))
+    return out, templates, invalid, expanded
+
+
+def _validate_rows(path: Path, rows, defaults: Defaults, run_seed: int, templates: dict | None = None):
     images = ImageChecker(path.resolve().parent)
     duplicates = _unique_ids(rows)
     jobs, invalid = [], []
@@ -644,6 +705,15 @@ def _validate_rows(path: Path, rows, defaults: Defaults, run_seed: int):
             invalid.append((line, raw, errors))
         else:
             jobs.append(job)
+    bad = {line for line, _, _ in invalid if line in (templates or {})}
+    if bad:  # a template row is valid as a whole or not at all: reported once, as written, each error once
+        jobs = [job for job in jobs if job.line not in bad]
+        merged: dict[int, dict] = {}
+        for line, _, errors in invalid:
+            if line in bad:
+                merged.setdefault(line, {}).update(((e.line, e.column, repr(e.value), e.allowed), e) for e in errors)
+        invalid = [item for item in invalid if item[0] not in bad]
+        invalid += [(line, templates[line], list(errors.values())) for line, errors in merged.items()]
     return jobs, invalid
 
 

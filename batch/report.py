@@ -57,7 +57,35 @@ def build_report(checkpoint: Checkpoint) -> dict:
     if ranks:  # a run under torchrun / accelerate launch: what each process did, and all together
         report["ranks"] = ranks
         totals["ranks_images_per_s"] = round(sum(r["images_per_s"] for r in ranks), 4)
+    clip = clip_score_summary(checkpoint, counts.done)
+    if clip:  # `score` or `run --clip-score` has scored images here
+        report["clip_score"] = clip
     return report
+
+
+CLIP_BIN = 10  # clip_score histogram: counts per 10 points, [0, 10) ... [90, 100]
+
+
+def clip_score_summary(checkpoint: Checkpoint, done: int) -> dict | None:
+    """The scores of the CLIP model used last (batch/score.py): count, mean and a histogram, over
+    all done images and per group (the group's name: model, mode, size, LoRA); None if none was used."""
+    clip = checkpoint.clip_model()
+    if clip is None:
+        return None
+    by_group: dict[str, list[float]] = {}
+    for group, score in checkpoint.clip_scores(clip[0]):
+        by_group.setdefault(group or "-", []).append(score)
+
+    def summary(scores: list[float]) -> dict:
+        histogram = [0] * (100 // CLIP_BIN)
+        for score in scores:
+            histogram[min(int(score // CLIP_BIN), len(histogram) - 1)] += 1
+        return {"images": len(scores), "mean": round(sum(scores) / len(scores), 4) if scores else None,
+                "histogram": histogram}
+
+    every = [score for scores in by_group.values() for score in scores]
+    return {"model": clip[1], "bin_width": CLIP_BIN, **summary(every), "unscored": done - len(every),
+            "groups": [{"group": group, **summary(scores)} for group, scores in by_group.items()]}
 
 
 def run_summary(number: int, settings: dict, totals: dict | None) -> dict:
@@ -156,6 +184,16 @@ def markdown(report: dict) -> str:
                   f"{r['skipped_from_checkpoint'] if r['skipped_from_checkpoint'] is not None else '-'} | "
                   f"{_num(r['generate_s'])} | {_num(r['images_per_s'])} | {_num(r['wall_s'])} | "
                   f"{'yes' if r['finished'] else 'no'} |" for r in report["runs"]]
+        lines.append("")
+    clip = report.get("clip_score")
+    if clip:
+        bins = [f"{low}-{low + clip['bin_width']}" for low in range(0, 100, clip["bin_width"])]
+        lines += [f"## CLIP scores ({clip['model']})", "",
+                  f"{clip['images']} images scored, mean {_num(clip['mean'])}; {clip['unscored']} not scored "
+                  "(no text prompt, or not yet: `sdbatch score`). Images per score bin:", "",
+                  "| group | images | mean | " + " | ".join(bins) + " |", "|---|---|---|" + "---|" * len(bins)]
+        lines += [f"| {g['group']} | {g['images']} | {_num(g['mean'])} | " + " | ".join(map(str, g["histogram"])) + " |"
+                  for g in clip["groups"]]
         lines.append("")
     if totals["failed"]:
         lines += [f"{totals['failed']} image(s) failed: see `failed.jsonl` (run it as a manifest, or rerun with `--retry-failed`).", ""]

@@ -23,14 +23,17 @@ from .checkpoint import FILE_NAME, Checkpoint, Counts, journal_name
 from .config import RunConfig
 from .context import RunContext
 from .execute import execute
+from .expand import folder_digest
 from .families import BY_NAME, SD
 from .interrupt import Stop, StopRequested
+from .grids import write_grids
 from .lock import FolderLock
 from .manifest import Manifest, load_manifest, portable_row, read_bytes
 from .models import LoadOptions, check_options, family_dtype, resolve_dtype, resolve_model
 from .plan import Plan, from_layout, layout, make_plan
 from .ranks import Claims, Ranks
 from .report import write_reports
+from .score import DEFAULT_BATCH_SIZE, resolve_clip, score_rest
 from .tally import GroupTally, Stages, peak_rss_bytes
 from .writer import adopt_written, remove_temp_files, write_failed, write_metadata, write_text_atomic
 
@@ -73,10 +76,13 @@ def run(config: RunConfig, context: RunContext) -> RunResult:
     # Other ranks plan from rank 0's list (`_run_rank`), and must not hold the checkpoint open while rank 0 writes it.
     finished, finished_images = (_finished_lines(Path(config.out), fingerprint, existing) if ranks.main
                                  else (frozenset(), 0))
-    manifest = load_manifest(config.manifest, defaults, config.seed, config.skip_invalid, data, finished)
+    manifest = load_manifest(config.manifest, defaults, config.seed, config.skip_invalid, data, finished,
+                             wildcards=config.wildcards, max_rows=config.max_rows)
     jobs = manifest.jobs[: config.limit] if config.limit else manifest.jobs
     for model in dict.fromkeys(job.model for job in jobs):
         resolve_model(model)  # a bad model name fails before the output folder is touched
+    if config.clip_score:
+        resolve_clip(config.clip_score)  # so does a CLIP model that cannot be found (`--clip-score`)
     adapters = check_adapters(jobs, options)  # every LoRA, IP-Adapter and image encoder: before anything loads
     tasks = [task for job in jobs for task in job.images(pixel_salt(options, BY_NAME[job.family]) + adapters.salt(job))]
 
@@ -120,8 +126,10 @@ def _resume_fingerprint(config: RunConfig, defaults, salt: str, data: bytes) -> 
     if config.fresh or config.limit or config.skip_invalid:  # a partial or lenient run vouches for nothing
         return None
     # Rows naming files (images, LoRAs) are re-checked anyway; IP-Adapter rows name a prompt image.
-    settings = json.dumps([dataclasses.asdict(defaults), config.seed, salt, config.format, config.ip_adapter],
-                          sort_keys=True)
+    # `expand` rows are made from the wildcard files too: new files, new rows.
+    wildcards = [folder_digest(Path(config.wildcards))] if config.wildcards else []
+    settings = json.dumps([dataclasses.asdict(defaults), config.seed, salt, config.format, config.ip_adapter,
+                           *wildcards], sort_keys=True)
     return hashlib.sha256(data + settings.encode()).hexdigest()
 
 
@@ -203,6 +211,9 @@ def _run_locked(config: RunConfig, manifest: Manifest, jobs, tasks, options: Loa
                 (out / _plan_name(checkpoint.run)).unlink(missing_ok=True)
             else:  # stopped while waiting: report what is recorded; the next run takes the rest
                 interrupted = True
+    if config.clip_score and not interrupted:  # the images done before this run: every image gets its score
+        interrupted = score_rest(config.clip_score, options.device, checkpoint, out,
+                                 config.batch_size or DEFAULT_BATCH_SIZE, stop, config.quiet)
 
     # 4. Folder-level outputs, rebuilt from the checkpoint
     generated = sum(len(t.per_image_s) for t in tallies)
@@ -269,9 +280,10 @@ def rank_stats(ranks: Ranks, device: str, tallies: list[GroupTally]) -> dict:
 
 
 def finish_outputs(out: Path, checkpoint: Checkpoint) -> None:
-    """metadata.jsonl, failed.jsonl and the report files, all from the checkpoint."""
+    """metadata.jsonl, failed.jsonl, the sweeps' grids and the report files, all from the checkpoint."""
     write_metadata(out, checkpoint.done_metadata())
     write_failed(out, checkpoint.failed_jobs())
+    write_grids(out, checkpoint)  # before the report, which shows them
     write_reports(out, checkpoint)
 
 

@@ -204,7 +204,7 @@ def _denoiser_lora(model: str, target: Path, seed: int = 0) -> Path:
     return target / "pytorch_lora_weights.safetensors"
 
 
-@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-flux"])
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
 def test_lora_per_row_changes_the_image_and_scale_0_is_none(tmp_path, model):
     lora = _denoiser_lora(model, tmp_path / "lora")
     base = _row("x", cfg=4.0)
@@ -242,6 +242,7 @@ REFUSALS = [
     ("tiny-sdxl", {"true_cfg": 3}, "true_cfg", "the sdxl family takes no true_cfg"),
     ("tiny-flux-schnell", {"max_sequence_length": 300}, "max_sequence_length", "[1, 256]"),
     ("tiny-pixart", {"lora": "LORA"}, "lora", "takes no LoRA"),
+    ("tiny-sd3", {"width": 256, "height": 64}, "width", "at most 128 for this sd3 model"),
 ]
 
 
@@ -386,3 +387,24 @@ def test_sdxl_image_prompts_through_ip_adapter_equal_diffusers(tmp_path):
         mine = pixels(out / "images" / f"{row['id']}.png")
         assert np.abs(mine - theirs).max() <= TOLERANCE, (row["id"], np.abs(mine - theirs).max())
         assert np.abs(mine - plain).max() > 5  # the picture changed the image
+
+
+@pytest.mark.parametrize("model", ["tiny-sdxl", "tiny-sd3", "tiny-flux"])
+def test_vae_slicing_and_tiling_serve_every_family(tmp_path, monkeypatch, model):
+    """The memory switches are the pipelines' own (vae.enable_slicing / enable_tiling) for every family: with
+    them, a batch of two 128 px images (over the tiny VAEs' 64 px tile) is decoded in tiles, image by image."""
+    from diffusers import AutoencoderKL
+
+    tiled_calls = []
+    real = AutoencoderKL.tiled_decode
+    monkeypatch.setattr(AutoencoderKL, "tiled_decode", lambda self, z, *a, **k: tiled_calls.append(len(z)) or real(self, z, *a, **k))
+    rows = [_row("a", cfg=4.0, width=128, height=128, steps=2), _row("b", cfg=4.0, width=128, height=128, steps=2)]
+    manifest = write_jsonl(tmp_path / "m.jsonl", rows)
+    for out, options in ((tmp_path / "plain", []), (tmp_path / "tiled", ["--vae-slicing", "--vae-tiling"])):
+        tiled_calls.clear()
+        assert cli(manifest, "--model", model, "--device", "cpu", "--batch-size", "2", "--out", out, "--quiet",
+                   *options) == 0
+        assert tiled_calls == ([1, 1] if options else []), tiled_calls  # sliced: one image a call; tiled
+    for row in rows:
+        tiled = pixels(tmp_path / "tiled/images" / f"{row['id']}.png")
+        assert tiled.shape == (128, 128, 3) and tiled.std() > 1
