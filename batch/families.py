@@ -211,10 +211,12 @@ def _hub_snapshot(model: str) -> Path | None:
     """The snapshot folder of a hub model's configs: from the cache, or (online) fetched, JSON files only."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    from .models import HUB_ID, _offline
+    from .models import HUB_ID, _offline, check_hub_model
 
     if not HUB_ID.fullmatch(model):
         return None
+    if not _offline():
+        check_hub_model(model)  # a model the Hub does not have, or no Hub: the run's model check says so
     folder = None
     for name in ("model_index.json", "unet/config.json", "transformer/config.json", "vae/config.json"):
         found = try_to_load_from_cache(model, name)

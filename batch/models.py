@@ -118,8 +118,23 @@ def check_hub_model(name: str) -> None:
     _ask_hub(name)
 
 
-@functools.lru_cache(maxsize=None)  # once per process and model: resolve_model is asked again at load time
+_HUB_ANSWERS: dict[str, ModelError | None] = {}  # once per process and model, failures included
+
+
 def _ask_hub(name: str) -> None:
+    """Whether the Hub has the model: asked once a process (validation, describing the family and the load
+    all ask), so a dead network costs one timeout, not one per question."""
+    if name not in _HUB_ANSWERS:
+        try:
+            _ask_hub_once(name)
+            _HUB_ANSWERS[name] = None
+        except ModelError as e:
+            _HUB_ANSWERS[name] = e
+    if _HUB_ANSWERS[name] is not None:
+        raise _HUB_ANSWERS[name]
+
+
+def _ask_hub_once(name: str) -> None:
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 

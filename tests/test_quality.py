@@ -18,7 +18,7 @@ from conftest import cli, done_count, read_metadata, record_figure, start_run, w
 from judge import judge
 from PIL import Image
 
-from batch.schedulers import SCHEDULERS
+from batch.families import SD
 from batch.toy.world import COLOURS, SHAPES, draw, sample_scene
 
 pytestmark = pytest.mark.quality
@@ -73,7 +73,7 @@ def main_run(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("quality")
     inits, references = _drawings(folder / "init", 1), _drawings(folder / "ref", 2)
     rows = _txt2img_rows(seeds=GUIDANCE_SEEDS) + _txt2img_rows(cfg=1.0, tag="cfg1", seeds=GUIDANCE_SEEDS)
-    for name in SCHEDULERS:
+    for name in SD.schedulers:
         rows += [{"id": f"s-{name}-{c}-{s}", "prompt": f"a {c} {s}", "seed": 5, "scheduler": name,
                   "want_colour": c, "want_shape": s} for c, s in PAIRS]
     for shape, seed in itertools.product(SHAPES, range(8)):
@@ -117,7 +117,7 @@ def test_guidance_raises_adherence(main_run):
     assert high - low >= 0.2 * n, text
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("scheduler", list(SD.schedulers))
 def test_every_scheduler_draws_the_prompted_colour(main_run, scheduler):
     colour, shape, n = _adherence(main_run, f"s-{scheduler}-")
     text = record_figure(f"scheduler {scheduler}", f"colour right {colour}/{n}, shape right {shape}/{n}")
