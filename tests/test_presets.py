@@ -170,7 +170,7 @@ def test_build_never_holds_an_fp32_copy(tmp_path):
         before = psutil.Process().memory_info().rss
         build("sd15-random", "cpu", torch.bfloat16, configs={str(configs)!r})
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the forked parent (pytest, GBs by then)
-        peak = int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+        peak = int(re.search(r"VmHWM:[ \t]+([0-9]+) kB", open("/proc/self/status").read()).group(1)) * 1024
         print(peak - before)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
