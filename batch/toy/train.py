@@ -39,6 +39,7 @@ from pathlib import Path
 
 from ..errors import BatchError
 from ..writer import write_atomic
+from .clip import contrastive_loss
 
 log = logging.getLogger(__name__)
 
@@ -299,24 +300,13 @@ def train_main(text_encoder, unet, vision, tokenizer, latents, clip_pixels, scen
             image = F.normalize(image_embeds[full], dim=-1)
             words = F.normalize(text_projection(text.pooler_output[full]), dim=-1)
             logits = logit_scale.exp().clamp(max=100) * image @ words.T
-            clip = _clip_loss(logits, [captions[i] for i in full.nonzero().flatten().tolist()])
+            clip = contrastive_loss(logits, [captions[i] for i in full.nonzero().flatten().tolist()])
         loss = diffusion + config.clip_weight * clip
         _optimise(loss, optimizer, schedule, ema, clip_parameters=parameters)
         _progress("unet", step, config.steps, loss.item(), started)
     ema.copy_to()
     for module in (text_encoder, unet, vision):
         module.eval()
-
-
-def _clip_loss(logits, captions: list[str]):
-    """Symmetric InfoNCE where every drawing with the same caption counts as a match."""
-    import torch
-
-    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
-    targets = same / same.sum(dim=1, keepdim=True)
-    images = -(targets * logits.log_softmax(dim=1)).sum(dim=1).mean()
-    texts = -(targets * logits.T.log_softmax(dim=1)).sum(dim=1).mean()
-    return (images + texts) / 2
 
 
 def _snr(noise_schedule):
