@@ -50,6 +50,9 @@ class Family:
     single_file_config: str | None = None  # shipped config folder (under models/) for single files
     ip_adapter: str | None = None  # the IP-Adapter image_prompt rows use unless --ip-adapter says otherwise
     safety_checker: bool = False  # the pipeline has SD's safety_checker / feature_extractor slots
+    # Latents decoded by sdbatch (the fp16 overflow guard, decode timed apart); the `auto` family's pipelines
+    # decode their own (packed, normalised or DC-AE latents differ from family to family).
+    decodes_here: bool = True
 
     def takes(self, column: str) -> bool:
         return column in self.columns
@@ -86,7 +89,7 @@ FLUX_SCHNELL = Family(
 AUTO = Family(  # any other family AutoPipelineForText2Image maps (PixArt, Sana, AuraFlow, ...): txt2img as shipped
     "auto", "other AutoPipeline text-to-image family", (), (T2I,),
     steps=20, cfg=4.5, scheduler=OWN_SCHEDULER, schedulers=(OWN_SCHEDULER,), denoiser="transformer",
-    cuda_dtype="bf16", lora=False)
+    cuda_dtype="bf16", lora=False, decodes_here=False)
 FAMILIES = (SD, SDXL, SD3, FLUX_DEV, FLUX_SCHNELL, AUTO)
 BY_NAME = {f.name: f for f in FAMILIES}
 # Extra columns any family may take; validation refuses them on the others by name.

@@ -197,7 +197,7 @@ def generate_batch(family: PipelineFamily, conditioner: Conditioner, batch: Batc
     # 2. Denoising loop, inside the pipeline; latents out
     generators = [torch.Generator("cpu").manual_seed(t.seed) for t in tasks]
     options.update(num_inference_steps=steps or job.steps, guidance_scale=job.cfg, generator=generators,
-                   output_type="latent")
+                   output_type="latent" if family.spec.decodes_here else "pil")
     if job.mode == "img2img":
         options.update(image=_init_images(batch), strength=job.strength)  # resized to the row's size
     if job.mode != "img2img" or "height" in _parameters(pipe):  # Flux's img2img would draw at its default size
@@ -209,10 +209,13 @@ def generate_batch(family: PipelineFamily, conditioner: Conditioner, batch: Batc
     denoised = time.perf_counter()
 
     # 3. Decode, with the fp16 overflow guard
-    if family.spec.packed_latents:
-        latents = pipe._unpack_latents(latents, job.height, job.width, pipe.vae_scale_factor)
-    images, errors, notes = decode(pipe, latents, safety_checker=family.options.safety_checker,
-                                   upcast=family.spec.vae_force_upcast)
+    if not family.spec.decodes_here:  # a family described only by AutoPipeline: its pipeline decodes, as it knows how
+        images, errors, notes = list(latents), {}, {}
+    else:
+        if family.spec.packed_latents:
+            latents = pipe._unpack_latents(latents, job.height, job.width, pipe.vae_scale_factor)
+        images, errors, notes = decode(pipe, latents, safety_checker=family.options.safety_checker,
+                                       upcast=family.spec.vae_force_upcast)
     devices.synchronize(family.device)
     decoded = time.perf_counter()
     return BatchOutput(images, encoded - started, denoised - encoded, decoded - denoised, errors, notes)
