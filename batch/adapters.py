@@ -28,6 +28,7 @@ from pathlib import Path
 from .errors import BatchError, ModelError
 from .families import BY_NAME, SD, describe
 from .models import (CLIP_VISION, SD15_CONFIGS, SD15_IP_ADAPTER, TINY_IP_ADAPTERS, LoadOptions, _offline,
+                     ip_image_encoder_location,
                      resolve_model, single_file_config)
 
 log = logging.getLogger(__name__)
@@ -159,8 +160,9 @@ def check_adapters(jobs, options: LoadOptions) -> AdapterStore:
             if what == "ip_adapter":
                 weights = store.ip_adapter(model)
                 if _has_image_encoder(model) is False:
-                    _check_cached(weights.repo, f"{weights.subfolder}/image_encoder".lstrip("/"),
-                                  f"the image encoder of IP-Adapter {weights.source}")
+                    repo, folder = ip_image_encoder_location(weights.repo, weights.subfolder,
+                                                             describe(model).family.ip_image_encoder)
+                    _check_cached(repo, folder, f"the image encoder of IP-Adapter {weights.source}")
             elif what == "clip_embed" and model != "sd15-random" and _has_image_encoder(model) is False:
                 _check_cached(CLIP_VISION, "", f"{CLIP_VISION} (the image encoder clip_embed rows use with "
                                                f"'{model}', which ships none)")
@@ -407,12 +409,18 @@ def read_ip_adapter(model: str, override: str | None) -> IpAdapterWeights:
 
 
 def nest_ip_adapter(flat: dict) -> dict:
-    """h94's flat .safetensors keys (`image_proj.*`, `ip_adapter.*`) in the nested layout `load_ip_adapter` takes."""
+    """Flat .safetensors keys in the nested layout `load_ip_adapter` takes: h94's (`image_proj.*`,
+    `ip_adapter.*`) and XLabs' for Flux (`ip_adapter_proj_model.*`, `double_blocks.N.processor.
+    ip_adapter_double_stream_k_proj.*`), renamed as diffusers' FluxIPAdapterMixin renames them."""
+    heads = {"image_proj": "image_proj", "ip_adapter_proj_model": "image_proj", "ip_adapter": "ip_adapter",
+             "double_blocks": "ip_adapter"}
     nested = {"image_proj": {}, "ip_adapter": {}}
     for key, value in flat.items():
         head, _, rest = key.partition(".")
-        if head in nested:
-            nested[head][rest] = value
+        if head in heads:
+            rest = (rest.replace("ip_adapter_double_stream_k_proj", "to_k_ip")
+                    .replace("ip_adapter_double_stream_v_proj", "to_v_ip").replace("processor.", ""))
+            nested[heads[head]][rest] = value
     return nested
 
 

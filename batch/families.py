@@ -49,6 +49,8 @@ class Family:
     lora: bool = True
     single_file_config: str | None = None  # shipped config folder (under models/) for single files
     ip_adapter: str | None = None  # the IP-Adapter image_prompt rows use unless --ip-adapter says otherwise
+    ip_image_encoder: str | None = None  # where the adapter's folder has no image_encoder/: this CLIP's (XLabs)
+    ip_embeds_per_image: bool = False  # Flux: one embedding per image prompt (B, 1, dim), no negatives beside it
     safety_checker: bool = False  # the pipeline has SD's safety_checker / feature_extractor slots
     # Latents decoded by sdbatch (the fp16 overflow guard, decode timed apart); the `auto` family's pipelines
     # decode their own (packed, normalised or DC-AE latents differ from family to family).
@@ -76,16 +78,20 @@ SD3 = Family(
     columns=("prompt_2", "negative_prompt_2", "max_sequence_length"), denoiser="transformer",
     max_sequence_length=512, cuda_dtype="bf16")
 FLUX_DEV = Family(
-    "flux-dev", "Flux.1 dev (guidance-distilled)", ("FluxPipeline",), (T2I, I2I),
+    "flux-dev", "Flux.1 dev (guidance-distilled)", ("FluxPipeline",), (T2I, I2I, IMAGE_PROMPT),
     steps=28, cfg=3.5, scheduler="flow_euler", schedulers=FLOW_SCHEDULERS + (OWN_SCHEDULER,),
     columns=("prompt_2", "negative_prompt_2", "true_cfg", "max_sequence_length"), denoiser="transformer",
     packed_latents=True, negative_needs_true_cfg=True, max_sequence_length=512, cuda_dtype="bf16",
-    guidance_label="Distilled CFG Scale")
+    guidance_label="Distilled CFG Scale", image_prompt_methods=("ip_adapter",),
+    ip_adapter="XLabs-AI/flux-ip-adapter/ip_adapter.safetensors", ip_image_encoder="openai/clip-vit-large-patch14",
+    ip_embeds_per_image=True)
 FLUX_SCHNELL = Family(
-    "flux-schnell", "Flux.1 schnell (timestep-distilled)", ("FluxPipeline",), (T2I, I2I),
+    "flux-schnell", "Flux.1 schnell (timestep-distilled)", ("FluxPipeline",), (T2I, I2I, IMAGE_PROMPT),
     steps=4, cfg=0.0, scheduler="flow_euler", schedulers=FLOW_SCHEDULERS + (OWN_SCHEDULER,),
     columns=("prompt_2", "negative_prompt_2", "true_cfg", "max_sequence_length"), denoiser="transformer",
-    packed_latents=True, negative_needs_true_cfg=True, max_sequence_length=256, cuda_dtype="bf16")
+    packed_latents=True, negative_needs_true_cfg=True, max_sequence_length=256, cuda_dtype="bf16",
+    image_prompt_methods=("ip_adapter",), ip_adapter="XLabs-AI/flux-ip-adapter/ip_adapter.safetensors",
+    ip_image_encoder="openai/clip-vit-large-patch14", ip_embeds_per_image=True)
 AUTO = Family(  # any other family AutoPipelineForText2Image maps (PixArt, Sana, AuraFlow, ...): txt2img as shipped
     "auto", "other AutoPipeline text-to-image family", (), (T2I,),
     steps=20, cfg=4.5, scheduler=OWN_SCHEDULER, schedulers=(OWN_SCHEDULER,), denoiser="transformer",

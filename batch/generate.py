@@ -127,6 +127,10 @@ class Conditioner:
         from diffusers.models.embeddings import ImageProjection
 
         pipe = self.family.image_prompt
+        if self.family.spec.ip_embeds_per_image:  # Flux: (B, 1, dim); a negative image prompt is the pipeline's
+            embeds = self._by_picture(jobs, self.ip_cache, lambda pictures: [
+                pipe.encode_image(picture, pipe._execution_device, 1) for picture in pictures])
+            return [torch.stack([embeds[j.prompt_image_sha] for j in jobs])]
         hidden = not isinstance(pipe.unet.encoder_hid_proj.image_projection_layers[0], ImageProjection)
 
         def encode(pictures: list) -> list:

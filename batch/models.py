@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -31,7 +32,8 @@ _PACKAGE = Path(__file__).resolve().parent
 MODELS_DIR = _PACKAGE / "models_data" if (_PACKAGE / "models_data").is_dir() else _PACKAGE.parent / "models"
 SD15_CONFIGS = MODELS_DIR / "sd15"  # SD 1.5 configs and tokenizer, no weights
 TINY_IP_ADAPTERS = {"tiny": MODELS_DIR / "tiny-ip-adapter" / "ip-adapter_tiny.safetensors",  # trained with it
-                    "tiny-sdxl": MODELS_DIR / "tiny-sdxl-ip-adapter" / "ip-adapter_tiny-sdxl.safetensors"}  # random
+                    "tiny-sdxl": MODELS_DIR / "tiny-sdxl-ip-adapter" / "ip-adapter_tiny-sdxl.safetensors",  # random
+                    "tiny-flux": MODELS_DIR / "tiny-flux-ip-adapter" / "ip_adapter.safetensors"}  # random, XLabs' layout
 SD15_IP_ADAPTER = "h94/IP-Adapter/models/ip-adapter_sd15.safetensors"
 CLIP_VISION = "openai/clip-vit-large-patch14"  # SD 1.5's text encoder family; 768-d projection
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -313,11 +315,14 @@ class PipelineFamily:
             weights = self.adapter_store().ip_adapter(self.model)  # read, and its kind checked, before the run
             if self.ip_image_encoder is None:
                 if pipe.image_encoder is None:  # SD 1.5 ships none: the adapter's own
-                    _attach_ip_image_encoder(self, weights.repo, weights.subfolder)
+                    _attach_ip_image_encoder(self, weights.repo, weights.subfolder, self.spec.ip_image_encoder)
                 self.ip_image_encoder = pipe.image_encoder
             elif pipe.image_encoder is None:
                 pipe.register_modules(image_encoder=self.ip_image_encoder)
-            pipe.load_ip_adapter(weights.state_dict, subfolder="", weight_name="", image_encoder_folder=None)
+            # No image encoder from the state dict: it is registered above (the keyword differs by family)
+            encoder = ("image_encoder_folder" if "image_encoder_folder" in inspect.signature(pipe.load_ip_adapter).parameters
+                       else "image_encoder_pretrained_model_name_or_path")
+            pipe.load_ip_adapter(weights.state_dict, subfolder="", weight_name="", **{encoder: None})
             self.ip_attached = True
         elif not on and self.ip_attached:
             pipe.unload_ip_adapter()
@@ -402,11 +407,9 @@ def image_prompt_pipeline_class(base=None):
         from diffusers import StableDiffusionPipeline as base
 
     class ImagePromptPipeline(base):
-        def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device,
-                                            num_images_per_prompt, do_classifier_free_guidance):
-            if ip_adapter_image_embeds is None:
-                return super().prepare_ip_adapter_image_embeds(
-                    ip_adapter_image, None, device, num_images_per_prompt, do_classifier_free_guidance)
+        def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device, *args):
+            if ip_adapter_image_embeds is None:  # Flux's negative image prompt under true CFG: diffusers' own
+                return super().prepare_ip_adapter_image_embeds(ip_adapter_image, None, device, *args)
             return [embeds.to(device) for embeds in ip_adapter_image_embeds]
 
     return ImagePromptPipeline
@@ -556,11 +559,21 @@ def build_random_sd15(device: str, dtype):
     return build("sd15-random", device, dtype)
 
 
-def _attach_ip_image_encoder(family: PipelineFamily, repo: str, subfolder: str) -> None:
-    """The adapter's own CLIP image encoder (SD 1.5 has none), registered on the image-prompt view."""
+def ip_image_encoder_location(repo: str, subfolder: str, fallback: str | None) -> tuple[str, str]:
+    """(repo or folder, subfolder) of an IP-Adapter's image encoder: its own `image_encoder/`, or, for a family
+    whose adapters ship without one (XLabs' for Flux), the family's CLIP."""
+    folder = "/".join(p for p in (subfolder, "image_encoder") if p)
+    if fallback and not (Path(repo) / folder / "config.json").exists():
+        return fallback, ""
+    return repo, folder
+
+
+def _attach_ip_image_encoder(family: PipelineFamily, repo: str, subfolder: str, fallback: str | None = None) -> None:
+    """The adapter's own CLIP image encoder (SD 1.5 has none), registered on the image-prompt view; adapters
+    shipped without one (XLabs' for Flux) use the family's `fallback` CLIP."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    folder = "/".join(p for p in (subfolder, "image_encoder") if p)
+    repo, folder = ip_image_encoder_location(repo, subfolder, fallback)
     kwargs = {"local_files_only": _offline()}
     if Path(repo).is_dir():
         encoder = CLIPVisionModelWithProjection.from_pretrained(Path(repo) / folder, dtype=_torch_dtype(family.dtype))

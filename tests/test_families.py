@@ -233,8 +233,10 @@ def test_lora_per_row_changes_the_image_and_scale_0_is_none(tmp_path, model):
 
 REFUSALS = [
     ("tiny-pixart", {"mode": "img2img", "init_image": "INIT", "strength": 0.5}, "mode", "no img2img pipeline"),
-    ("tiny-flux", {"mode": "image_prompt", "prompt_image": "INIT", "image_prompt_method": "clip_embed"}, "mode",
-     "flux-dev family"),
+    ("tiny-flux", {"prompt_image": "INIT", "image_prompt_method": "clip_embed"}, "image_prompt_method",
+     "the flux-dev family takes ip_adapter only"),
+    ("tiny-sd3", {"mode": "image_prompt", "prompt_image": "INIT"}, "mode", "the sd3 family (StableDiffusion3Pipeline) "
+     "has no image_prompt pipeline"),
     ("tiny-sdxl", {"prompt_image": "INIT", "image_prompt_method": "clip_embed"}, "image_prompt_method",
      "the sdxl family takes ip_adapter only"),
     ("tiny-flux", {"negative_prompt": "blurry"}, "negative_prompt", "without true CFG"),
@@ -411,3 +413,42 @@ def test_vae_slicing_and_tiling_serve_every_family(tmp_path, monkeypatch, model)
     for row in rows:
         tiled = pixels(tmp_path / "tiled/images" / f"{row['id']}.png")
         assert tiled.shape == (128, 128, 3) and tiled.std() > 1
+
+
+def test_flux_image_prompts_through_ip_adapter_equal_diffusers(tmp_path):
+    """Flux image_prompt rows (an XLabs-layout IP-Adapter, each row its own picture, batched; one with true CFG)
+    equal diffusers' FluxPipeline.load_ip_adapter + ip_adapter_image called row by row."""
+    import torch
+    from diffusers import AutoPipelineForText2Image
+    from PIL import Image
+
+    pictures = [make_image(tmp_path / f"p{i}.png", color, size=(48, 40)) for i, color in
+                enumerate([(200, 30, 30), (30, 200, 60)])]
+    rows = [dict(_row(f"ip{i}", cfg=3.5, seed=5 + i), prompt="a shape", prompt_image=str(p), ip_scale=0.9)
+            for i, p in enumerate(pictures)]
+    rows.append(dict(_row("ip-true", cfg=3.5, seed=9), prompt="a shape", prompt_image=str(pictures[0]), ip_scale=0.9,
+                     true_cfg=2.0, negative_prompt="green"))
+    out = tmp_path / "out"
+    assert cli(write_jsonl(tmp_path / "m.jsonl", rows + [_row("plain", cfg=3.5)]), "--model", "tiny-flux",
+               "--device", "cpu", "--batch-size", "2", "--out", out, "--quiet") == 0
+    adapter = folder("tiny-flux-ip-adapter")
+    pipe = AutoPipelineForText2Image.from_pretrained(folder("tiny-flux"))
+    plain = reference_image("tiny-flux", _row("plain", cfg=3.5))
+    assert np.abs(pixels(out / "images/plain.png") - plain).max() <= TOLERANCE
+    pipe.load_ip_adapter(str(adapter), weight_name="ip_adapter.safetensors",
+                         image_encoder_pretrained_model_name_or_path=str(adapter / "image_encoder"),
+                         image_encoder_dtype=torch.float32)
+    pipe.set_ip_adapter_scale(0.9)
+    pipe.set_progress_bar_config(disable=True)
+    for row in rows:
+        with Image.open(row["prompt_image"]) as picture:
+            image = picture.convert("RGB")
+        extra = {"true_cfg_scale": row["true_cfg"], "negative_prompt": row["negative_prompt"]} if "true_cfg" in row else {}
+        theirs = np.asarray(pipe(prompt=row["prompt"], ip_adapter_image=image, num_inference_steps=row["steps"],
+                                 guidance_scale=row["cfg"], width=64, height=64, **extra,
+                                 generator=torch.Generator("cpu").manual_seed(row["seed"])).images[0], dtype=np.int16)
+        mine = pixels(out / "images" / f"{row['id']}.png")
+        assert np.abs(mine - theirs).max() <= TOLERANCE, (row["id"], np.abs(mine - theirs).max())
+        without = {k: v for k, v in row.items() if k not in ("prompt_image", "ip_scale")}
+        assert np.abs(mine - reference_image("tiny-flux", without)).max() > 5  # the picture changed the image
+    assert np.abs(pixels(out / "images/ip0.png") - pixels(out / "images/ip1.png")).max() > 5  # each row its own picture

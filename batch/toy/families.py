@@ -404,13 +404,43 @@ def save_sdxl_ip_adapter(model: Path, out: Path) -> Path:
     return out
 
 
+def save_flux_ip_adapter(model: Path, out: Path) -> Path:
+    """A random IP-Adapter for the tiny Flux model in XLabs' layout (`ip_adapter_proj_model.*`, and
+    `double_blocks.N.processor.ip_adapter_double_stream_k_proj/v_proj` with biases), beside its own
+    `image_encoder/` (XLabs' real adapter uses CLIP ViT-L/14's)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    transformer = FluxTransformer2DModel.from_pretrained(model / "transformer")
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, image_size=224, patch_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37))
+    joint, inner = transformer.config.joint_attention_dim, transformer.inner_dim
+    tensors = {"ip_adapter_proj_model.proj.weight": torch.randn(IP_ADAPTER_TOKENS * joint, 32) * 0.2,
+               "ip_adapter_proj_model.proj.bias": torch.zeros(IP_ADAPTER_TOKENS * joint),
+               "ip_adapter_proj_model.norm.weight": torch.ones(joint),
+               "ip_adapter_proj_model.norm.bias": torch.zeros(joint)}
+    for block in range(transformer.config.num_layers):
+        for projection in ("k", "v"):
+            name = f"double_blocks.{block}.processor.ip_adapter_double_stream_{projection}_proj"
+            tensors[f"{name}.weight"] = torch.randn(inner, joint) * 0.2
+            tensors[f"{name}.bias"] = torch.zeros(inner)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "ip_adapter.safetensors"))
+    encoder.save_pretrained(out / "image_encoder", safe_serialization=True)
+    return out
+
+
 def build(names: list[str], out: Path) -> list[Path]:
-    """Build and save the named families under OUT (the tiny SDXL model with its IP-Adapter)."""
+    """Build and save the named families under OUT (the tiny SDXL and Flux models with their IP-Adapters)."""
     folders = []
     for name in names:
         folders.append(save(FAMILIES[name](), out / name))
         if name == "tiny-sdxl":
             save_sdxl_ip_adapter(folders[-1], out / "tiny-sdxl-ip-adapter")
+        if name == "tiny-flux":
+            save_flux_ip_adapter(folders[-1], out / "tiny-flux-ip-adapter")
         size = sum(p.stat().st_size for p in folders[-1].rglob("*") if p.is_file())
         log.info("%s: %.0f kB", folders[-1], size / 1e3)
     return folders
