@@ -176,10 +176,8 @@ def test_img2img_shares_the_weights_of_sdxl_and_flux():
             assert {p.data_ptr() for p in a.parameters()} == {p.data_ptr() for p in b.parameters()}
         assert type(family.img2img).__name__ == {"tiny-sdxl": "StableDiffusionXLImg2ImgPipeline",
                                                  "tiny-flux": "FluxImg2ImgPipeline"}[model]
-        if model == "tiny-sdxl":  # the IP-Adapter view: the same weights again
-            assert family.image_prompt.unet is family.txt2img.unet and family.image_prompt.vae is family.txt2img.vae
-        else:
-            assert family.image_prompt is None  # Flux takes no image prompts here
+        denoiser_of = getattr(family.image_prompt, denoiser)  # the IP-Adapter view: the same weights again
+        assert denoiser_of is getattr(family.txt2img, denoiser) and family.image_prompt.vae is family.txt2img.vae
 
 
 def _denoiser_lora(model: str, target: Path, seed: int = 0) -> Path:
