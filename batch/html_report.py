@@ -457,7 +457,7 @@ def _group_labels(groups: list[dict]) -> list[str]:
         if g.get("lora"):
             label += f" +{Path(str(g['lora'])).name}"
         if several_models:
-            label = f"{g.get('model')} {label}"
+            label = f"{g.get('model')} ({g.get('family', 'sd')}) {label}"
         labels.append(label)
     return labels
 

@@ -157,13 +157,13 @@ def markdown(report: dict) -> str:
         lines += [
             "## Groups",
             "",
-            "| model | mode | size | lora | images | batches | load s | warm-up s | generate s | images/s (generation) "
+            "| model | family | mode | size | lora | images | batches | load s | warm-up s | generate s | images/s (generation) "
             "| s/image p50 (batch s ÷ batch size) | s/image p95 (batch s ÷ batch size) | peak VRAM | VRAM estimate |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for g in groups:
             lines.append(
-                f"| {g['model']} | {g['mode']} | {g['width']}x{g['height']} | {g['lora'] or '-'} | {g['images']} | "
+                f"| {g['model']} | {g.get('family', 'sd')} | {g['mode']} | {g['width']}x{g['height']} | {g['lora'] or '-'} | {g['images']} | "
                 f"{g['batches']} | {_num(g['load_s'])} | {_num(g['warmup_s'])} | {_num(g['wall_s'])} | "
                 f"{_num(g['images_per_s'])} | {_num(g['s_per_image_p50'], 3)} | {_num(g['s_per_image_p95'], 3)} | "
                 f"{_gb(g['peak_vram_bytes'])} | {_gb(g.get('vram_estimate_bytes'))} |")

@@ -141,6 +141,7 @@ def test_one_manifest_mixes_sd15_sdxl_and_flux_in_both_modes_at_batch_size_1(tmp
         _check_equal(out, model, model_rows)
     report = json.loads((out / "report.json").read_text())
     assert {g["family"] for g in report["groups"]} == {"sd", "sdxl", "flux-dev"}
+    assert "| tiny-flux | flux-dev | txt2img |" in (out / "report.md").read_text()
 
 
 def test_sigkill_and_resume_across_families(tmp_path):
