@@ -501,8 +501,12 @@ def _place(pipe, options: LoadOptions, spec) -> None:
             denoiser.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
         # Regional compilation: the repeated transformer blocks compile once and are reused,
-        # a fraction of a whole-model compile's time for most of its speed-up.
-        denoiser.compile_repeated_blocks(fullgraph=True)
+        # a fraction of a whole-model compile's time for most of its speed-up. Denoisers that declare
+        # no repeated blocks to diffusers (SD3's, PixArt's in 0.42) are compiled whole.
+        if getattr(denoiser, "_repeated_blocks", None):
+            denoiser.compile_repeated_blocks(fullgraph=True)
+        else:
+            denoiser.compile()
     if options.safety_checker and getattr(pipe, "safety_checker", None) is None:
         log.warning("--safety-checker: this model ships no safety checker; images are not checked")
 

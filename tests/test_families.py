@@ -451,3 +451,21 @@ def test_flux_image_prompts_through_ip_adapter_equal_diffusers(tmp_path):
         without = {k: v for k, v in row.items() if k not in ("prompt_image", "ip_scale")}
         assert np.abs(mine - reference_image("tiny-flux", without)).max() > 5  # the picture changed the image
     assert np.abs(pixels(out / "images/ip0.png") - pixels(out / "images/ip1.png")).max() > 5  # each row its own picture
+
+
+@pytest.mark.parametrize("model,regional", [("tiny-sdxl", True), ("tiny-flux", True), ("tiny-sd3", False),
+                                            ("tiny-pixart", False)])
+def test_compile_asks_each_denoiser_for_what_it_supports(monkeypatch, model, regional):
+    """--compile: regional compilation where diffusers declares the denoiser's repeated blocks (UNet, Flux),
+    the whole denoiser where it declares none (SD3, PixArt would raise on compile_repeated_blocks)."""
+    from batch.families import describe
+    from batch.models import LoadOptions, _load_pipeline, _place, resolve_model
+
+    spec = describe(model).family
+    pipe = _load_pipeline(resolve_model(model), LoadOptions("cpu", "fp32"), spec)
+    calls = []
+    denoiser = getattr(pipe, spec.denoiser)
+    monkeypatch.setattr(denoiser, "compile_repeated_blocks", lambda **k: calls.append("regional"), raising=False)
+    monkeypatch.setattr(denoiser, "compile", lambda *a, **k: calls.append("whole"))
+    _place(pipe, LoadOptions("cpu", "fp32", compile=True), spec)
+    assert calls == ["regional" if regional else "whole"]
