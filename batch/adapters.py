@@ -18,6 +18,7 @@ and must still have the content its image keys carry.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -27,9 +28,8 @@ from pathlib import Path
 
 from .errors import BatchError, ModelError
 from .families import BY_NAME, SD, describe
-from .models import (CLIP_VISION, SD15_CONFIGS, SD15_IP_ADAPTER, TINY_IP_ADAPTERS, LoadOptions, _offline,
-                     ip_image_encoder_location,
-                     resolve_model, single_file_config)
+from .models import (CLIP_VISION, SD15_IP_ADAPTER, TINY_IP_ADAPTERS, LoadOptions, _offline, config_folder,
+                     ip_image_encoder_location, resolve_model)
 
 log = logging.getLogger(__name__)
 HELD_LORAS = 1  # LoRA state dicts waiting from check to load: each more saves a re-read and costs a LoRA's size
@@ -262,15 +262,24 @@ def _check_lora_fits(weights: LoraWeights, model: str) -> None:
     unet, text_encoder = components
     common = dict(network_alphas=weights.network_alphas, adapter_name="sdbatch_check", metadata=weights.metadata,
                   low_cpu_mem_usage=True)
+    with _fit_check(weights, model):
+        StableDiffusionPipeline.load_lora_into_unet(dict(weights.state_dict), unet=unet, **common)
+        StableDiffusionPipeline.load_lora_into_text_encoder(dict(weights.state_dict), text_encoder=text_encoder, **common)
+
+
+@contextlib.contextmanager
+def _fit_check(weights: LoraWeights, model: str, what: str = ""):
+    """A load into meta modules that fails is a ModelError naming the LoRA and the model (`what`: the family);
+    diffusers logs the failure it raises, so its logging is silenced meanwhile: we say it once."""
     import diffusers.utils.logging as diffusers_logging
 
     level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(logging.CRITICAL)  # diffusers logs the failure it raises: we say it once
+    diffusers_logging.set_verbosity(logging.CRITICAL)
     try:
-        StableDiffusionPipeline.load_lora_into_unet(dict(weights.state_dict), unet=unet, **common)
-        StableDiffusionPipeline.load_lora_into_text_encoder(dict(weights.state_dict), text_encoder=text_encoder, **common)
+        yield
     except Exception as e:  # size mismatches (RuntimeError), unknown layers (ValueError)...
-        raise ModelError(f"LoRA '{weights.reference}' does not fit model '{model}': {_first_line(e, skip_header=True)}") from None
+        raise ModelError(f"LoRA '{weights.reference}' does not fit model '{model}'{what}: "
+                         f"{_first_line(e, skip_header=True)}") from None
     finally:
         diffusers_logging.set_verbosity(level)
 
@@ -285,7 +294,7 @@ def _check_denoiser_lora(weights: LoraWeights, model: str, family) -> None:
         found = sorted({key.split(".")[0] for key in weights.state_dict})
         raise ModelError(f"LoRA '{weights.reference}' does not fit model '{model}' ({family.label}): it holds "
                          f"{', '.join(found)} weights, none for the {family.denoiser}")
-    folder = _config_folder(model)
+    folder = config_folder(model)
     if folder is None:
         return
     config = json.loads((Path(folder) / family.denoiser / "config.json").read_text())
@@ -296,17 +305,8 @@ def _check_denoiser_lora(weights: LoraWeights, model: str, family) -> None:
     kwargs = {family.denoiser: denoiser, "adapter_name": "sdbatch_check", "low_cpu_mem_usage": True}
     if "network_alphas" in inspect.signature(method).parameters:
         kwargs["network_alphas"] = weights.network_alphas
-    import diffusers.utils.logging as diffusers_logging
-
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(logging.CRITICAL)
-    try:
+    with _fit_check(weights, model, f" ({family.label})"):
         method({k: v for k, v in weights.state_dict.items() if k.startswith(prefix)}, **kwargs)
-    except Exception as e:  # size mismatches, unknown layers
-        raise ModelError(f"LoRA '{weights.reference}' does not fit model '{model}' ({family.label}): "
-                         f"{_first_line(e, skip_header=True)}") from None
-    finally:
-        diffusers_logging.set_verbosity(level)
 
 
 def _meta_components(model: str):
@@ -315,7 +315,7 @@ def _meta_components(model: str):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    folder = _config_folder(model)
+    folder = config_folder(model)
     if folder is None:
         return None
     with torch.device("meta"):
@@ -324,28 +324,11 @@ def _meta_components(model: str):
     return unet, text_encoder
 
 
-def _config_folder(model: str) -> str | None:
-    """The folder holding the model's configs; None where they are not on disk (or the name resolves
-    to nothing: `run` and `validate` say so themselves)."""
-    try:
-        source = resolve_model(model)
-    except ModelError:
-        return None
-    if source.kind in ("folder", "random"):
-        return source.location
-    if source.kind == "single_file":
-        return str(single_file_config(Path(source.location)))
-    from huggingface_hub import try_to_load_from_cache
-
-    index = try_to_load_from_cache(source.location, "model_index.json")
-    return str(Path(index).parent) if isinstance(index, str) else None
-
-
 def _has_image_encoder(model: str) -> bool | None:
     """Whether the model ships a CLIP image encoder (the tiny model does, SD 1.5 does not); None: unknown."""
     import json
 
-    folder = _config_folder(model)
+    folder = config_folder(model)
     if folder is None:
         return None
     if resolve_model(model).kind in ("single_file", "random"):

@@ -260,8 +260,10 @@ def model_flops(model: str, width: int, height: int) -> tuple[float, float] | No
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from .models import config_folder
+
     info = describe(model)
-    folder = _config_folder(model, info.family)
+    folder = config_folder(model)  # after describe: a hub model's configs are in the cache
     if folder is None or _class_name(folder / info.family.denoiser) not in DENOISER_INPUTS:
         return None
     with torch.device("meta"):
@@ -276,17 +278,6 @@ def model_flops(model: str, width: int, height: int) -> tuple[float, float] | No
     with FlopCounterMode(display=False) as counter:
         vae.decode(latents)
     return float(denoiser_flops), float(counter.get_total_flops())
-
-
-def _config_folder(model: str, family: Family) -> Path | None:
-    """The folder holding the model's configs: its own, a preset's, a single file's shipped one, a hub snapshot."""
-    from .families import _hub_snapshot
-    from .models import resolve_model, single_file_config
-
-    source = resolve_model(model)
-    if source.kind == "single_file":
-        return single_file_config(Path(source.location), family)
-    return _hub_snapshot(model) if source.kind == "hub" else Path(source.location)
 
 
 def _class_name(folder: Path) -> str | None:

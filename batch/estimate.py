@@ -38,8 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .families import describe
-from .models import SD15_CONFIGS, LoadOptions, ModelSource, family_dtype, resolve_model
-from .presets import PRESETS
+from .models import SD15_CONFIGS, LoadOptions, ModelSource, config_folder, family_dtype, resolve_model
 from .presets import parameter_counts as config_parameter_counts
 
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
@@ -71,17 +70,9 @@ def parameter_counts(source: ModelSource) -> tuple[dict[str, int], Path]:
 
 
 def _config_folder(source: ModelSource) -> Path:
-    if source.name in PRESETS:
-        return PRESETS[source.name].configs
-    if source.kind == "folder":
-        return Path(source.location)
-    if source.kind == "hub":
-        from huggingface_hub import try_to_load_from_cache
-
-        index = try_to_load_from_cache(source.location, "model_index.json")
-        if isinstance(index, str):
-            return Path(index).parent
-    return SD15_CONFIGS  # single files and hub ids not in the cache: SD 1.5 sizes
+    if source.kind == "single_file":
+        return SD15_CONFIGS  # single files are estimated at SD 1.5's sizes (their own configs: to do)
+    return config_folder(source.name) or SD15_CONFIGS  # hub ids not in the cache: SD 1.5 sizes
 
 
 def _safetensors_params(folder: Path) -> int:

@@ -192,9 +192,9 @@ def generate_batch(family: PipelineFamily, conditioner: Conditioner, batch: Batc
         options = _encoded_prompts(conditioner, batch)
     else:
         options = prompt_options(family.spec, [t.job for t in tasks], _parameters(pipe))
-        if job.image_prompt_method == "ip_adapter":
-            with torch.inference_mode():
-                options["ip_adapter_image_embeds"] = conditioner.ip_embeds([t.job for t in tasks], job.cfg > 1.0)
+    if job.image_prompt_method == "ip_adapter":  # cfg <= 1: no unconditional pass (diffusers' rule)
+        with torch.inference_mode():
+            options["ip_adapter_image_embeds"] = conditioner.ip_embeds([t.job for t in tasks], job.cfg > 1.0)
     devices.synchronize(family.device)
     encoded = time.perf_counter()
 
@@ -226,7 +226,7 @@ def generate_batch(family: PipelineFamily, conditioner: Conditioner, batch: Batc
 
 
 def _encoded_prompts(conditioner: Conditioner, batch: Batch) -> dict:
-    """SD's prompt (or CLIP image) embeddings and IP-Adapter image embeddings, from the caches."""
+    """SD's prompt (or CLIP image) embeddings, from the cache."""
     import torch
 
     jobs = [t.job for t in batch.tasks]
@@ -237,9 +237,6 @@ def _encoded_prompts(conditioner: Conditioner, batch: Batch) -> dict:
             options["prompt_embeds"] = conditioner.clip_embeds(jobs)
         else:
             options["prompt_embeds"] = conditioner.text([j.prompt for j in jobs])
-        if batch.job.image_prompt_method == "ip_adapter":
-            guidance = batch.job.cfg > 1.0  # diffusers' rule: no unconditional pass at cfg <= 1
-            options["ip_adapter_image_embeds"] = conditioner.ip_embeds(jobs, guidance)
     return options
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .expand import GRID_COLUMN
 from .manifest import file_stem
-from .writer import write_atomic
+from .writer import read_written, write_atomic
 
 log = logging.getLogger(__name__)
 GRID_DIR = "grids"
@@ -112,7 +112,7 @@ def draw_grid(grid: Grid, images: Path):
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default()  # PIL's own font: no font file to ship or find
-    pictures = {index: _open(images / cell.file) if cell.status == "done" and cell.file else None
+    pictures = {index: read_written(images / cell.file) if cell.status == "done" and cell.file else None
                 for index, cell in grid.cells.items()}
     sizes = [p.size for p in pictures.values() if p is not None] or [c.size for c in grid.cells.values() if c.size]
     cell_w, cell_h = (max(s[0] for s in sizes), max(s[1] for s in sizes)) if sizes else (64, 64)
@@ -198,16 +198,6 @@ def _size(record: dict) -> tuple[int, int] | None:
     except (KeyError, TypeError, ValueError):
         return None
     return (width, height) if 0 < width <= 8192 and 0 < height <= 8192 else None
-
-
-def _open(path: Path):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
 
 
 def _text_size(draw, text: str, font) -> tuple[int, int]:

@@ -6,6 +6,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from .families import BY_NAME
+
 MODES = ("txt2img", "img2img", "image_prompt")
 FILE_COLUMNS = ("init_image", "prompt_image", "lora", "model")  # relative paths resolve against the manifest
 IMAGE_PROMPT_METHODS = ("ip_adapter", "clip_embed")
@@ -86,8 +88,6 @@ class Job:
 
     def batch_key(self) -> tuple:
         """Rows with equal batch keys may share one UNet call."""
-        from .families import BY_NAME
-
         # SDXL encodes "no negative prompt" as zeros, unlike an empty one: such rows cannot share a call.
         zeroed = not self.negative_prompt if BY_NAME[self.family].zero_empty_negative else None
         return (self.steps, self.cfg, self.strength, self.scheduler, self.image_prompt_method, self.ip_scale,

@@ -396,15 +396,13 @@ def load_family(model: str, options: LoadOptions) -> PipelineFamily:
 
 
 @functools.lru_cache(maxsize=None)  # one class per family: from_pipe and isinstance see the same one
-def image_prompt_pipeline_class(base=None):
-    """The family's pipeline (SD 1.x/2.x, SDXL) taking precomputed IP-Adapter embeddings per row.
+def image_prompt_pipeline_class(base):
+    """The family's pipeline (SD 1.x/2.x, SDXL, Flux) taking precomputed IP-Adapter embeddings per row.
 
     diffusers repeats `ip_adapter_image_embeds` batch_size times (it assumes one image prompt
     for the whole batch), which would mix the prompt images of a batch; here each row
-    brings its own embedding, laid out as the UNet wants it: [negatives; positives].
+    brings its own embedding, laid out as the denoiser wants it (UNets: [negatives; positives]).
     """
-    if base is None:
-        from diffusers import StableDiffusionPipeline as base
 
     class ImagePromptPipeline(base):
         def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device, *args):
@@ -532,6 +530,24 @@ def single_file_config(path: Path, spec=None) -> Path:
                      f"({spec.label} single files have 320)")
 
 
+def config_folder(model: str) -> Path | None:
+    """The folder holding a model's configs: its own folder, a preset's, the shipped configs its single file
+    loads with, or its hub snapshot (`families.describe` has fetched the JSON files there, online); None where
+    they are not on disk, or the name resolves to nothing (`run` and `validate` say so themselves)."""
+    try:
+        source = resolve_model(model)
+    except ModelError:
+        return None
+    if source.kind in ("folder", "random"):
+        return Path(source.location)
+    if source.kind == "single_file":
+        return single_file_config(Path(source.location))
+    from huggingface_hub import try_to_load_from_cache
+
+    index = try_to_load_from_cache(source.location, "model_index.json")
+    return Path(index).parent if isinstance(index, str) else None
+
+
 def _same_width_text_encoders(config: Path) -> bool:
     """Two text encoders of one width (tiny SDXL models): see single_file.load_sdxl_text_encoder_2."""
     widths = [json.loads(p.read_text()).get("hidden_size")
@@ -554,13 +570,6 @@ def _conv_in_channels(path: Path) -> int | None:
 def _tiny_conv_in_channels(folder: Path) -> int | None:
     config = folder / "unet" / "config.json"
     return json.loads(config.read_text())["block_out_channels"][0] if config.exists() else None
-
-
-def build_random_sd15(device: str, dtype):
-    """The full SD 1.5 architecture from shipped configs with seeded random weights (benchmarks)."""
-    from .presets import build
-
-    return build("sd15-random", device, dtype)
 
 
 def ip_image_encoder_location(repo: str, subfolder: str, fallback: str | None) -> tuple[str, str]:

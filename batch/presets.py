@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .models import MODELS_DIR, PRESET_FOLDERS
+
 if TYPE_CHECKING:
     import torch
     from diffusers import DiffusionPipeline
 
-_PACKAGE = Path(__file__).resolve().parent
-# batch.models.MODELS_DIR, computed the same way (batch.models imports this module)
-_MODELS_DIR = _PACKAGE / "models_data" if (_PACKAGE / "models_data").is_dir() else _PACKAGE.parent / "models"
 SEED = 0
 INIT_STD = 0.02  # weights ~ N(0, 0.02), transformers' initializer_range: a forward pass stays finite
 MODEL_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder")
@@ -34,15 +33,17 @@ class Preset:
     """A benchmark model: a folder of real configs (no weights) and the pipeline that runs them."""
 
     name: str
-    family: str  # batch.families.Family.name
-    configs: Path
     pipeline_class: str
+
+    @property
+    def configs(self) -> Path:
+        return MODELS_DIR / PRESET_FOLDERS[self.name]
 
 
 PRESETS = {p.name: p for p in (
-    Preset("sd15-random", "sd", _MODELS_DIR / "sd15", "StableDiffusionPipeline"),
-    Preset("sdxl-random", "sdxl", _MODELS_DIR / "sdxl", "StableDiffusionXLPipeline"),
-    Preset("flux-random", "flux-dev", _MODELS_DIR / "flux", "FluxPipeline"),
+    Preset("sd15-random", "StableDiffusionPipeline"),
+    Preset("sdxl-random", "StableDiffusionXLPipeline"),
+    Preset("flux-random", "FluxPipeline"),
 )}
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from .checkpoint import FILE_NAME, Checkpoint, Outcome
 from .errors import ModelError, OutputError
 from .interrupt import Stop, StopRequested
+from .writer import read_written
 
 log = logging.getLogger(__name__)
 
@@ -167,16 +168,6 @@ def prompt_of(meta: dict) -> str | None:
     return prompt if isinstance(prompt, str) and prompt.strip() else None
 
 
-def _read(path: Path):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-
-
 @dataclass
 class Tally:
     """What a scoring pass has done so far (kept when it is interrupted)."""
@@ -196,7 +187,7 @@ def score_images(scorer: ClipScorer, checkpoint: Checkpoint, images_dir: Path, t
         batch = todo[start : start + batch_size]
         readable = []
         for key, file, prompt in batch:
-            picture = _read(images_dir / file)
+            picture = read_written(images_dir / file)
             if picture is None:
                 log.warning("cannot read %s: not scored", images_dir / file)
                 tally.unreadable.append(file)

@@ -51,7 +51,7 @@ def infotext(task: ImageTask, model: str) -> str:
         *guidance,
         f"Seed: {task.seed}",
         f"Size: {job.width}x{job.height}",
-        *([f"Model hash: {model_hash(model)}"] if model_hash(model) else []),
+        *([f"Model hash: {digest}"] if (digest := model_hash(model)) else []),
         f"Model: {clean_text(model).replace(',', ' ')}",
     ]
     if job.strength is not None:
@@ -226,6 +226,18 @@ class ImageWriter:
         results = self.finished(block=True)
         self.pool.shutdown(wait=True)
         return results
+
+
+def read_written(path: Path):
+    """An image of the output folder as RGB, or None where it is missing or does not decode
+    (the grid and the CLIP score each say what they do without it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def adopt_written(tasks: list[ImageTask], folder: Path, existing: set[str], model: str, fmt: str = "png") -> list:

@@ -379,14 +379,8 @@ def save_sdxl_ip_adapter(model: Path, out: Path) -> Path:
     (flat `image_proj.*` and `ip_adapter.<n>.to_k_ip/to_v_ip` keys, n = 1, 3, 5... over the UNet's
     cross-attention processors, as diffusers numbers them) beside its own `image_encoder/` (a small CLIP
     vision model at CLIP's 224 px input, so diffusers' default CLIPImageProcessor fits it)."""
-    from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     unet = UNet2DConditionModel.from_pretrained(model / "unet")
-    torch.manual_seed(0)
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, projection_dim=32, image_size=224, patch_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37))
+    encoder = _adapter_image_encoder()
     width = unet.config.cross_attention_dim
     tensors = {"image_proj.proj.weight": torch.randn(IP_ADAPTER_TOKENS * width, 32) * 0.2,
                "image_proj.proj.bias": torch.zeros(IP_ADAPTER_TOKENS * width),
@@ -398,24 +392,15 @@ def save_sdxl_ip_adapter(model: Path, out: Path) -> Path:
                 inner = getattr(module, projection).out_features
                 tensors[f"ip_adapter.{key}.{projection}_ip.weight"] = torch.randn(inner, width) * 0.2
             key += 2
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "ip-adapter_tiny-sdxl.safetensors"))
-    encoder.save_pretrained(out / "image_encoder", safe_serialization=True)
-    return out
+    return _save_adapter(out, "ip-adapter_tiny-sdxl.safetensors", tensors, encoder)
 
 
 def save_flux_ip_adapter(model: Path, out: Path) -> Path:
     """A random IP-Adapter for the tiny Flux model in XLabs' layout (`ip_adapter_proj_model.*`, and
     `double_blocks.N.processor.ip_adapter_double_stream_k_proj/v_proj` with biases), beside its own
     `image_encoder/` (XLabs' real adapter uses CLIP ViT-L/14's)."""
-    from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
     transformer = FluxTransformer2DModel.from_pretrained(model / "transformer")
-    torch.manual_seed(0)
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=32, projection_dim=32, image_size=224, patch_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=37))
+    encoder = _adapter_image_encoder()
     joint, inner = transformer.config.joint_attention_dim, transformer.inner_dim
     tensors = {"ip_adapter_proj_model.proj.weight": torch.randn(IP_ADAPTER_TOKENS * joint, 32) * 0.2,
                "ip_adapter_proj_model.proj.bias": torch.zeros(IP_ADAPTER_TOKENS * joint),
@@ -426,8 +411,25 @@ def save_flux_ip_adapter(model: Path, out: Path) -> Path:
             name = f"double_blocks.{block}.processor.ip_adapter_double_stream_{projection}_proj"
             tensors[f"{name}.weight"] = torch.randn(inner, joint) * 0.2
             tensors[f"{name}.bias"] = torch.zeros(inner)
+    return _save_adapter(out, "ip_adapter.safetensors", tensors, encoder)
+
+
+def _adapter_image_encoder():
+    """The tiny adapters' CLIP image encoder, seeded (0) before anything else of the adapter is drawn."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, image_size=224, patch_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37))
+
+
+def _save_adapter(out: Path, weight_name: str, tensors: dict, encoder) -> Path:
+    """The adapter's weights as OUT/<weight_name> beside its image encoder in OUT/image_encoder/."""
+    from safetensors.torch import save_file
+
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "ip_adapter.safetensors"))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / weight_name))
     encoder.save_pretrained(out / "image_encoder", safe_serialization=True)
     return out
 
