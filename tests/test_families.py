@@ -469,3 +469,30 @@ def test_compile_asks_each_denoiser_for_what_it_supports(monkeypatch, model, reg
     monkeypatch.setattr(denoiser, "compile", lambda *a, **k: calls.append("whole"))
     _place(pipe, LoadOptions("cpu", "fp32", compile=True), spec)
     assert calls == ["regional" if regional else "whole"]
+
+
+@pytest.mark.parametrize("model,auto,expected", [("tiny-flux", True, "bf16"), ("tiny-sd3", True, "bf16"),
+                                                 ("tiny-sdxl", True, "fp16"), ("tiny", True, "fp16"),
+                                                 ("tiny-flux", False, "fp16")])
+def test_dtype_auto_on_cuda_hands_each_family_its_precision(monkeypatch, model, auto, expected):
+    """What a CUDA load hands torch (no GPU here): --dtype auto gives SD3/Flux bf16 and SD/SDXL fp16, an explicit
+    --dtype is kept; the image keys name the dtype the family loads in."""
+    import batch.models as models
+    from batch.families import describe
+    from batch.runner import pixel_salt
+
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def capture(source, options, spec):
+        seen["dtype"] = options.dtype
+        raise Loaded
+
+    monkeypatch.setattr(models, "_load_pipeline", capture)
+    options = models.LoadOptions("cuda:0", "fp16", dtype_auto=auto)
+    with pytest.raises(Loaded):
+        models.load_family(model, options)
+    assert seen["dtype"] == expected
+    assert f"|dtype={expected}" in pixel_salt(options, describe(model).family)
